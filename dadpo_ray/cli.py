@@ -41,6 +41,17 @@ def _cmd_check_data(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_generate(args) -> int:
+    from dadpo_ray.config import load_config
+    from dadpo_ray.generate import generate
+    from dadpo_ray.ray_session import ray_session
+
+    cfg = load_config(args.config, args.overrides)
+    with ray_session(cfg.ray):
+        generate(cfg, args.out or f"{cfg.run_dir}/data", overwrite=args.overwrite)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dadpo-ray",
@@ -62,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("demo", "prune"):
             _add_config_args(p)
         p.set_defaults(func=_not_built(name, issue))
+        if name == "generate":
+            p.add_argument("--out", help="dataset dir (default: <run_dir>/data)")
+            p.add_argument("--overwrite", action="store_true", help="replace a dataset made with another config")
+            p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("check-data", help="validate a generated dataset against its manifest and the contract")
     p.add_argument("data_dir")

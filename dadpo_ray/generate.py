@@ -1,0 +1,230 @@
+"""Generation stage: one Ray Data pipeline from prompts to the preference dataset training reads.
+
+    prompts (driver: validate, template, split, skip ids already written)
+      -> StudentSampler   actor pool, student model:             y_s (rejected)
+      -> TeacherScorer    actor pool, teacher (+ reference) model: y_t (chosen), log-probs of both under the
+                          teacher and the reference, the teacher's top-k on y_t (and y_s if configured)
+      -> write_shard      tasks: validate rows, write one Parquet shard atomically, named by its ids
+    manifest.json (driver, last: its presence means the dataset is complete)
+
+The reference scores live in the teacher's pool because they need both answers; the reference is the small
+student, so this costs the teacher's actors little and saves a third pool. Resume: shards are idempotent and
+named by a hash of their ids, so a rerun of the same command skips every id already on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+
+from dadpo_ray.config import RecipeConfig
+from dadpo_ray.errors import DadpoError
+from dadpo_ray.records import (
+    REJECTS_NAME, Manifest, ModelRecord, list_shards, read_rows, row_problems, rows_to_table, write_manifest,
+    write_shard,
+)
+
+RUN_STAMP = "generation.json"  # the config fingerprint a partial dataset was started with
+
+
+def _seed(base: int, ids: list[str]) -> int:
+    """Per-batch sampling seed from the config seed and the batch's ids (stable across reruns)."""
+    return int(hashlib.sha256(f"{base}:{','.join(ids)}".encode()).hexdigest()[:8], 16)
+
+
+def _threads(num_cpus: float) -> int:
+    return max(1, int(num_cpus))
+
+
+# ------------------------------------------------------------------------------------ Ray Data UDF classes
+class StudentSampler:
+    """Loads the student once per actor; samples the rejected answer y_s for each prompt."""
+
+    def __init__(self, config: dict):
+        from dadpo_ray.engines import make_engine
+
+        self.cfg = RecipeConfig.model_validate(config)
+        gen = self.cfg.generate
+        self.engine = make_engine(gen.backend, self.cfg.models.student, _threads(gen.student_pool.num_cpus))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        samples = self.engine.sample([r["prompt_ids"] for r in rows], self.cfg.generate,
+                                     _seed(self.cfg.generate.seed, [r["id"] for r in rows]))
+        for row, (ids, finish) in zip(rows, samples):
+            row.update(rejected_ids=ids, rejected_finish=finish,
+                       rejected_text=self.engine.tokenizer.decode(ids, skip_special_tokens=True))
+        return pa.Table.from_pylist(rows)
+
+
+class TeacherScorer:
+    """Loads the teacher (and the reference) once per actor; samples y_t and scores both answers."""
+
+    def __init__(self, config: dict):
+        from dadpo_ray.engines import make_engine
+
+        self.cfg = RecipeConfig.model_validate(config)
+        gen, models = self.cfg.generate, self.cfg.models
+        threads = _threads(gen.teacher_pool.num_cpus)
+        self.teacher = make_engine(gen.backend, models.teacher, threads)
+        self.reference = make_engine(gen.backend, models.reference_or_student(), threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        gen = self.cfg.generate
+        rows = batch.to_pylist()
+        prompts = [r["prompt_ids"] for r in rows]
+        samples = self.teacher.sample(prompts, gen, _seed(gen.seed + 1, [r["id"] for r in rows]))
+        chosen = [ids for ids, _ in samples]
+        rejected = [r["rejected_ids"] for r in rows]
+        t_chosen = self.teacher.score(prompts, chosen, gen.topk)
+        t_rejected = self.teacher.score(prompts, rejected, gen.topk if gen.topk_for_rejected else None)
+        r_chosen = self.reference.score(prompts, chosen, None)
+        r_rejected = self.reference.score(prompts, rejected, None)
+        for i, row in enumerate(rows):
+            row.update(
+                chosen_ids=chosen[i], chosen_finish=samples[i][1],
+                chosen_text=self.teacher.tokenizer.decode(chosen[i], skip_special_tokens=True),
+                teacher_chosen_logp=t_chosen[i].logp, teacher_rejected_logp=t_rejected[i].logp,
+                ref_chosen_logp=r_chosen[i].logp, ref_rejected_logp=r_rejected[i].logp,
+                chosen_topk_ids=t_chosen[i].topk_ids, chosen_topk_logprobs=t_chosen[i].topk_logprobs,
+                rejected_topk_ids=t_rejected[i].topk_ids, rejected_topk_logprobs=t_rejected[i].topk_logprobs,
+            )
+        return rows_to_table(rows)
+
+
+def write_batch(batch: pa.Table, out_dir: str, k: int) -> pa.Table:
+    """Validate rows against the contract, write the good ones as one shard; report shard, count and rejects."""
+    good, rejects = [], []
+    for row in batch.to_pylist():
+        problems = row_problems(row, k)
+        if problems:
+            rejects.append({"id": row["id"], "reason": "breaks the data contract", "detail": "; ".join(problems)})
+        else:
+            good.append(row)
+    name = ""
+    if good:
+        digest = hashlib.sha256("\n".join(sorted(r["id"] for r in good)).encode()).hexdigest()[:20]
+        name = write_shard(out_dir, f"part-{digest}.parquet", good)
+    tokens = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in batch.to_pylist())
+    return pa.Table.from_pylist([{"shard": name, "rows": len(good), "tokens": tokens,
+                                  "rejects": json.dumps(rejects)}])
+
+
+# -------------------------------------------------------------------------------------------------- driver
+def _check_before_start(cfg: RecipeConfig):
+    """Everything that can be refused without an actor: models exist, one vocabulary, k fits it."""
+    from dadpo_ray.models import check_same_vocab, load_tokenizer
+
+    named = {"teacher": cfg.models.teacher, "student": cfg.models.student}
+    if cfg.models.reference is not None:
+        named["reference"] = cfg.models.reference
+    tokenizers = {name: load_tokenizer(spec) for name, spec in named.items()}
+    fingerprint = check_same_vocab(tokenizers)
+    if cfg.generate.topk > fingerprint.size:
+        raise DadpoError(f"generate.topk={cfg.generate.topk} is larger than the vocabulary ({fingerprint.size})")
+    return tokenizers["student"], fingerprint
+
+
+def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
+    stamp = out / RUN_STAMP
+    if out.exists() and any(out.iterdir()):
+        existing = json.loads(stamp.read_text())["config_fingerprint"] if stamp.exists() else None
+        if existing != fingerprint and not overwrite:
+            raise DadpoError(
+                f"{out}: holds a dataset made with a different config (fingerprint {existing}, now {fingerprint}); "
+                "pass --overwrite to replace it or choose another output dir"
+            )
+        if existing != fingerprint:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("*.tmp-*"):  # leftovers of writes killed mid-way
+        tmp.unlink()
+    stamp.write_text(json.dumps({"config_fingerprint": fingerprint}))
+
+
+def _template(prompts, tokenizer, max_prompt_tokens: int):
+    rows, rejects = [], []
+    for p in prompts:
+        ids = tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, return_dict=False)
+        if len(ids) > max_prompt_tokens:
+            rejects.append({"id": p.id, "reason": "prompt too long",
+                            "detail": f"{len(ids)} tokens after templating > generate.max_prompt_tokens"})
+            continue
+        rows.append({"id": p.id, "split": p.split, "prompt_messages": p.messages, "prompt_ids": ids})
+    return rows, rejects
+
+
+def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manifest:
+    """Run the generation pipeline into `out_dir` (a local dir); returns the manifest it wrote."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from dadpo_ray.prompts import load_prompts
+
+    started = time.time()
+    gen = cfg.generate
+    tokenizer, vocab = _check_before_start(cfg)
+    fingerprint = cfg.fingerprint("models", "prompts", "generate")
+    out = Path(out_dir).resolve()
+    _prepare_out_dir(out, fingerprint, overwrite)
+
+    prompts, rejects = load_prompts(cfg.prompts)
+    rows, too_long = _template(prompts, tokenizer, gen.max_prompt_tokens)
+    rejects += too_long
+    done = set(read_rows(str(out), columns=["id"]).column("id").to_pylist())
+    todo = sorted((r for r in rows if r["id"] not in done), key=lambda r: len(r["prompt_ids"]))  # less padding
+    print(f"generate: {len(rows)} prompts, {len(done)} already on disk, {len(todo)} to go, "
+          f"{len(rejects)} set aside", flush=True)
+
+    tokens = 0
+    if todo:
+        config = cfg.model_dump(mode="json")
+        retry = dict(max_restarts=gen.max_restarts, max_task_retries=gen.max_restarts)
+        pools = [(StudentSampler, gen.student_pool), (TeacherScorer, gen.teacher_pool)]
+        ds = ray.data.from_items(todo)
+        for udf, pool in pools:
+            ds = ds.map_batches(
+                udf, batch_size=gen.batch_size, batch_format="pyarrow", fn_constructor_kwargs={"config": config},
+                compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
+                num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, **retry,
+            )
+        ds = ds.map_batches(write_batch, batch_size=gen.rows_per_shard, batch_format="pyarrow",
+                            fn_kwargs={"out_dir": str(out), "k": gen.topk}, num_cpus=0.1)
+        for result in ds.iter_rows():
+            tokens += result["tokens"]
+            rejects += json.loads(result["rejects"])
+
+    files = list_shards(str(out))
+    table = read_rows(str(out), files, columns=["id", "split"])
+    ids = table.column("id").to_pylist()
+    if len(ids) != len(set(ids)):
+        dupes = [i for i, n in Counter(ids).items() if n > 1]
+        raise RuntimeError(f"{out}: ids written twice: {dupes[:5]}")  # a bug, never bad input
+    with open(out / REJECTS_NAME, "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    reasons = Counter(r["reason"] for r in rejects)
+    m = cfg.models
+    manifest = Manifest(
+        config_fingerprint=fingerprint,
+        teacher=ModelRecord(path=m.teacher.path, revision=m.teacher.revision),
+        student=ModelRecord(path=m.student.path, revision=m.student.revision),
+        reference=ModelRecord(path=m.reference_or_student().path, revision=m.reference_or_student().revision),
+        vocab_size=vocab.size, vocab_hash=vocab.sha256, topk=gen.topk, topk_for_rejected=gen.topk_for_rejected,
+        generation={"backend": gen.backend, "temperature": gen.temperature, "top_p": gen.top_p,
+                    "max_new_tokens": gen.max_new_tokens, "max_prompt_tokens": gen.max_prompt_tokens,
+                    "seed": gen.seed, "topk_temperature": 1.0},
+        rows=dict(Counter(table.column("split").to_pylist())), rejected_rows=len(rejects),
+        rejected_reasons=dict(reasons), files=files,
+    )
+    write_manifest(str(out), manifest)
+    wall = time.time() - started
+    print(f"generate: wrote {len(ids)} rows ({manifest.rows}) in {len(files)} shards to {out}; "
+          f"{len(rejects)} rejected {dict(reasons)}; {tokens} tokens generated this run, "
+          f"{tokens / wall:.1f} tokens/s, {wall:.1f}s wall", flush=True)
+    return manifest

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import os
 import time
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 
 from dadpo_ray.config import RecipeConfig
 from dadpo_ray.errors import DadpoError
 from dadpo_ray.records import (
-    REJECTS_NAME, Manifest, ModelRecord, list_shards, read_rows, row_problems, rows_to_table, write_manifest,
-    write_shard,
+    Manifest, ModelRecord, delete, list_names, list_shards, read_rows, read_text, row_problems, rows_to_table,
+    write_manifest, write_rejects, write_shard, write_text,
 )
 
 RUN_STAMP = "generation.json"  # the config fingerprint a partial dataset was started with
@@ -131,21 +130,19 @@ def _check_before_start(cfg: RecipeConfig):
     return tokenizers["student"], fingerprint
 
 
-def _prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> None:
-    stamp = out / RUN_STAMP
-    if out.exists() and any(out.iterdir()):
-        existing = json.loads(stamp.read_text())["config_fingerprint"] if stamp.exists() else None
-        if existing != fingerprint and not overwrite:
+def _prepare_out_dir(out: str, fingerprint: str, overwrite: bool) -> None:
+    names = list_names(out)
+    stamp = read_text(out, RUN_STAMP)
+    existing = json.loads(stamp)["config_fingerprint"] if stamp else None
+    if names and existing != fingerprint:
+        if not overwrite:
             raise DadpoError(
                 f"{out}: holds a dataset made with a different config (fingerprint {existing}, now {fingerprint}); "
                 "pass --overwrite to replace it or choose another output dir"
             )
-        if existing != fingerprint:
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob("*.tmp-*"):  # leftovers of writes killed mid-way
-        tmp.unlink()
-    stamp.write_text(json.dumps({"config_fingerprint": fingerprint}))
+        delete(out)
+    delete(out, [n for n in list_names(out) if ".tmp-" in n])  # leftovers of writes killed mid-way
+    write_text(out, RUN_STAMP, json.dumps({"config_fingerprint": fingerprint}))
 
 
 def _template(prompts, tokenizer, max_prompt_tokens: int):
@@ -161,7 +158,7 @@ def _template(prompts, tokenizer, max_prompt_tokens: int):
 
 
 def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manifest:
-    """Run the generation pipeline into `out_dir` (a local dir); returns the manifest it wrote."""
+    """Run the generation pipeline into `out_dir` (local dir or pyarrow URI); returns the manifest it wrote."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -171,13 +168,13 @@ def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manife
     gen = cfg.generate
     tokenizer, vocab = _check_before_start(cfg)
     fingerprint = cfg.fingerprint("models", "prompts", "generate")
-    out = Path(out_dir).resolve()
+    out = out_dir if "://" in out_dir else os.path.abspath(out_dir)  # local dir or a pyarrow URI (s3://...)
     _prepare_out_dir(out, fingerprint, overwrite)
 
     prompts, rejects = load_prompts(cfg.prompts)
     rows, too_long = _template(prompts, tokenizer, gen.max_prompt_tokens)
     rejects += too_long
-    done = set(read_rows(str(out), columns=["id"]).column("id").to_pylist())
+    done = set(read_rows(out, columns=["id"]).column("id").to_pylist())
     todo = sorted((r for r in rows if r["id"] not in done), key=lambda r: len(r["prompt_ids"]))  # less padding
     print(f"generate: {len(rows)} prompts, {len(done)} already on disk, {len(todo)} to go, "
           f"{len(rejects)} set aside", flush=True)
@@ -195,19 +192,18 @@ def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manife
                 num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, **retry,
             )
         ds = ds.map_batches(write_batch, batch_size=gen.rows_per_shard, batch_format="pyarrow",
-                            fn_kwargs={"out_dir": str(out), "k": gen.topk}, num_cpus=0.1)
+                            fn_kwargs={"out_dir": out, "k": gen.topk}, num_cpus=0.1)
         for result in ds.iter_rows():
             tokens += result["tokens"]
             rejects += json.loads(result["rejects"])
 
-    files = list_shards(str(out))
-    table = read_rows(str(out), files, columns=["id", "split"])
+    files = list_shards(out)
+    table = read_rows(out, files, columns=["id", "split"])
     ids = table.column("id").to_pylist()
     if len(ids) != len(set(ids)):
         dupes = [i for i, n in Counter(ids).items() if n > 1]
         raise RuntimeError(f"{out}: ids written twice: {dupes[:5]}")  # a bug, never bad input
-    with open(out / REJECTS_NAME, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    write_rejects(out, rejects)
     reasons = Counter(r["reason"] for r in rejects)
     m = cfg.models
     manifest = Manifest(
@@ -222,7 +218,7 @@ def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manife
         rows=dict(Counter(table.column("split").to_pylist())), rejected_rows=len(rejects),
         rejected_reasons=dict(reasons), files=files,
     )
-    write_manifest(str(out), manifest)
+    write_manifest(out, manifest)
     wall = time.time() - started
     print(f"generate: wrote {len(ids)} rows ({manifest.rows}) in {len(files)} shards to {out}; "
           f"{len(rejects)} rejected {dict(reasons)}; {tokens} tokens generated this run, "

@@ -30,7 +30,6 @@ import math
 import os
 import uuid
 from datetime import datetime, timezone
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -120,19 +119,50 @@ def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     fs.move(tmp, path)
 
 
-def write_manifest(out_dir: str, manifest: Manifest) -> None:
+def write_text(out_dir: str, name: str, text: str) -> None:
     fs, root = _filesystem(out_dir)
-    _write_atomically(fs, f"{root}/{MANIFEST_NAME}", manifest.model_dump_json(indent=2).encode())
+    fs.create_dir(root, recursive=True)
+    _write_atomically(fs, f"{root}/{name}", text.encode())
+
+
+def read_text(data_dir: str, name: str) -> str | None:
+    """A small file of the dataset dir, or None if it is not there."""
+    fs, root = _filesystem(data_dir)
+    try:
+        with fs.open_input_stream(f"{root}/{name}") as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None
+
+
+def list_names(data_dir: str) -> list[str]:
+    fs, root = _filesystem(data_dir)
+    try:
+        return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root)))
+    except FileNotFoundError:
+        return []
+
+
+def delete(data_dir: str, names: list[str] | None = None) -> None:
+    """Delete the named files of a dataset dir, or the whole dir when names is None."""
+    fs, root = _filesystem(data_dir)
+    if names is None:
+        fs.delete_dir(root)
+    for name in names or []:
+        fs.delete_file(f"{root}/{name}")
+
+
+def write_manifest(out_dir: str, manifest: Manifest) -> None:
+    write_text(out_dir, MANIFEST_NAME, manifest.model_dump_json(indent=2))
 
 
 def read_manifest(data_dir: str) -> Manifest:
-    fs, root = _filesystem(data_dir)
-    path = f"{root}/{MANIFEST_NAME}"
-    try:
-        with fs.open_input_stream(path) as f:
-            raw = json.loads(f.read())
-    except FileNotFoundError:
+    path = f"{data_dir}/{MANIFEST_NAME}"
+    text = read_text(data_dir, MANIFEST_NAME)
+    if text is None:
         raise DadpoError(f"{data_dir}: no {MANIFEST_NAME} (not a dadpo-ray dataset, or generation did not finish)")
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise DadpoError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if raw.get("schema_version") != SCHEMA_VERSION:
@@ -192,14 +222,7 @@ def write_shard(out_dir: str, name: str, rows: list[dict]) -> str:
 
 
 def list_shards(data_dir: str) -> list[str]:
-    fs, root = _filesystem(data_dir)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(root))
-    except FileNotFoundError:
-        return []
-    return sorted(
-        i.base_name for i in infos if i.base_name.startswith("part-") and i.base_name.endswith(".parquet")
-    )
+    return [n for n in list_names(data_dir) if n.startswith("part-") and n.endswith(".parquet")]
 
 
 def read_rows(data_dir: str, files: list[str] | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -228,11 +251,6 @@ def open_dataset(data_dir: str, vocab_size: int | None = None, vocab_hash: str |
     return manifest
 
 
-def append_rejects(out_dir: str, rejects: list[dict]) -> None:
-    """Rows set aside with their reason ({"id", "reason", "stage"}); one JSON object per line."""
-    if not rejects:
-        return
-    path = Path(out_dir) / REJECTS_NAME
-    with open(path, "a") as f:
-        for r in rejects:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+def write_rejects(out_dir: str, rejects: list[dict]) -> None:
+    """Rows set aside with their reason ({"id", "reason", "detail"}); one JSON object per line."""
+    write_text(out_dir, REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))

@@ -1,0 +1,194 @@
+"""Generation stage: Ray Data actor pools -> contract Parquet, with resume, actor failure and bad rows."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from dadpo_ray.config import load_config
+from dadpo_ray.errors import DadpoError
+from dadpo_ray.generate import StudentSampler, TeacherScorer, generate
+from dadpo_ray.records import open_dataset, read_manifest, read_rows, row_problems
+from tests.conftest import REPO, shared_path
+
+
+def tiny_cfg(run_dir, *overrides, source=None):
+    base = {
+        "name": "gen-test", "run_dir": str(run_dir),
+        "models": {"teacher": {"path": "tiny-teacher"}, "student": {"path": "tiny-student"}},
+        "prompts": {"source": str(source or shared_path("data", "prompts", "conversational_prompts.jsonl"))},
+        "generate": {"max_new_tokens": 8, "topk": 4, "batch_size": 16, "rows_per_shard": 64,
+                     "teacher_pool": {"num_cpus": 1}, "student_pool": {"num_cpus": 1}},
+    }
+    return load_config(None, list(overrides), base=base)
+
+
+def all_rows(data_dir):
+    return read_rows(str(data_dir), open_dataset(str(data_dir)).files).to_pylist()
+
+
+def test_udfs_transform_a_hand_made_batch_without_ray(tmp_path):
+    cfg = tiny_cfg(tmp_path, "generate.topk_for_rejected=true").model_dump(mode="json")
+    student, teacher = StudentSampler(cfg), TeacherScorer(cfg)
+    prompt = student.engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}],
+                                                          add_generation_prompt=True, return_dict=False)
+    batch = pa.Table.from_pylist([{"id": "a", "split": "train", "prompt_messages": [{"role": "user", "content": "hi"}],
+                                   "prompt_ids": prompt}])
+    rows = teacher(student(batch)).to_pylist()
+    assert row_problems(rows[0], k=4) == []
+    assert len(rows[0]["rejected_topk_ids"]) == len(rows[0]["rejected_ids"]) > 0
+
+
+def test_builtin_prompts_keep_earlier_turns_and_split_by_id():
+    from dadpo_ray.config import PromptsConfig
+    from dadpo_ray.prompts import load_prompts
+
+    prompts, rejects = load_prompts(PromptsConfig(source="builtin:demo", eval_fraction=0.2))
+    assert len(prompts) >= 200 and rejects == []
+    multi = [p for p in prompts if [m["role"] for m in p.messages if m["role"] != "system"][:3]
+             == ["user", "assistant", "user"]]
+    assert multi, "the demo set has multi-turn chats"
+    again, _ = load_prompts(PromptsConfig(source="builtin:demo", eval_fraction=0.2))
+    assert [p.split for p in prompts] == [p.split for p in again]  # deterministic by id
+    assert 0.1 < sum(p.split == "eval" for p in prompts) / len(prompts) < 0.3
+
+
+@pytest.fixture(scope="module")
+def shared_prompts_dataset(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "data"
+    manifest = generate(tiny_cfg(out.parent), str(out))
+    return out, manifest
+
+
+def test_shared_prompt_file_passes_the_contract(shared_prompts_dataset):
+    out, manifest = shared_prompts_dataset
+    rows = all_rows(out)
+    source = [json.loads(line) for line in shared_path("data", "prompts", "conversational_prompts.jsonl").open()]
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))  # every id exactly once
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").open()]
+    assert len(ids) + len(rejects) == len(source) and manifest.rejected_rows == len(rejects)
+    assert set(ids) | {r["id"] for r in rejects} == {str(s["id"]) for s in source}
+    assert all(row_problems(r, manifest.topk) == [] for r in rows)
+    assert manifest.rows["eval"] > 0 and manifest.rows["train"] + manifest.rows["eval"] == len(rows)
+    result = subprocess.run([sys.executable, "-m", "dadpo_ray", "check-data", str(out)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and "0 contract violations" in result.stdout
+
+
+def test_refusals_before_any_actor_starts(shared_prompts_dataset, tmp_path):
+    from dadpo_ray.models import resolve_model_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, _ = shared_prompts_dataset
+    with pytest.raises(DadpoError, match="holds a dataset made with a different config"):
+        generate(tiny_cfg(out.parent, "generate.topk=5"), str(out))
+    with pytest.raises(DadpoError, match=r"generate.topk=1000 is larger than the vocabulary \(259\)"):
+        generate(tiny_cfg(tmp_path, "generate.topk=1000"), str(tmp_path / "a"))
+    with pytest.raises(DadpoError, match="model path /nonexistent/model: no such directory"):
+        generate(tiny_cfg(tmp_path, "models.teacher.path=/nonexistent/model"), str(tmp_path / "b"))
+    other = tmp_path / "other-vocab"
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("tiny-student"))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny-student")).save_pretrained(other)
+    with pytest.raises(DadpoError, match="tokenizer mismatch: teacher has 259 tokens .* student has 260"):
+        generate(tiny_cfg(tmp_path, f"models.student.path={other}"), str(tmp_path / "c"))
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+
+
+def test_bad_rows_are_set_aside_and_counted(ray_cluster, tmp_path):
+    good = [{"id": f"g{i}", "messages": [{"role": "user", "content": f"Question number {i}?"}]} for i in range(5)]
+    bad = [
+        {"id": "long", "prompt": "x" * 400},
+        {"id": "empty", "messages": [{"role": "user", "content": "   "}]},
+        {"id": "role", "messages": [{"role": "wizard", "content": "hello"}]},
+        {"id": "surrogate", "prompt": "broken \ud800 text"},
+        {"id": "g1", "prompt": "a duplicate id"},
+        {"id": "last", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    ]
+    source = tmp_path / "prompts.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in good + bad) + "{not json\n")
+    out = tmp_path / "data"  # written through a URI, as an s3:// output would be
+    manifest = generate(tiny_cfg(tmp_path, "generate.max_prompt_tokens=300", source=source), f"file://{out}")
+    assert sorted(r["id"] for r in all_rows(out)) == [f"g{i}" for i in range(5)]
+    assert manifest.rejected_rows == 7
+    assert manifest.rejected_reasons == {"prompt too long": 1, "empty text": 1, "bad role": 1, "undecodable text": 1,
+                                         "duplicate id": 1, "bad roles": 1, "not valid JSON": 1}
+    reasons = {r["id"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").open())}
+    assert reasons["long"] == "prompt too long" and reasons["row 12"] == "not valid JSON"
+
+
+def _run_cli(config_path, env, **kw):
+    return subprocess.Popen([sys.executable, "-m", "dadpo_ray", "generate", "--config", str(config_path)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_driver_resumes_with_the_remaining_prompts(ray_cluster, tmp_path):
+    import yaml
+
+    cfg = tiny_cfg(tmp_path / "run", "prompts.limit=160", "generate.rows_per_shard=8", "generate.batch_size=8")
+    config_path = tmp_path / "gen.yaml"
+    config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
+    data = tmp_path / "run" / "data"
+    first = _run_cli(config_path, env, start_new_session=True)
+    deadline = time.time() + 300
+    while not list(data.glob("part-*.parquet")) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and anything it spawned
+    first.wait()
+    assert list(data.glob("part-*.parquet")) and not (data / "manifest.json").exists()
+    landed = len(read_rows(str(data), columns=["id"]))
+    second = _run_cli(config_path, env)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output
+    resumed = int(output.split(" already on disk")[0].rsplit(", ", 1)[1])
+    assert resumed >= landed > 0  # the rerun skipped what the first run wrote
+    ids = [r["id"] for r in all_rows(data)]
+    manifest = read_manifest(str(data))
+    assert len(ids) == len(set(ids)) == 160 - manifest.rejected_rows
+
+
+def _kill_actor_running(udf_name):
+    """SIGKILL the live actor of this cluster whose process title names the UDF (ray::MapWorker(...))."""
+    import psutil
+    from ray._private import state
+
+    for actor in state.actors().values():
+        if actor["State"] == "ALIVE" and actor["Pid"]:
+            try:
+                if udf_name in " ".join(psutil.Process(actor["Pid"]).cmdline()):
+                    os.kill(actor["Pid"], signal.SIGKILL)
+                    return actor["Pid"]
+            except psutil.NoSuchProcess:
+                continue
+    return None
+
+
+def test_killed_actor_is_restarted_without_losing_rows(ray_cluster, tmp_path):
+
+    cfg = tiny_cfg(tmp_path, "prompts.limit=96", "generate.rows_per_shard=8", "generate.batch_size=8",
+                   "generate.max_new_tokens=24")
+    out = tmp_path / "data"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(manifest=generate(cfg, str(out))))
+    worker.start()
+    killed = None
+    deadline = time.time() + 300
+    while killed is None and time.time() < deadline and worker.is_alive():
+        if list(out.glob("part-*.parquet")):  # mid-run: some rows written, more in flight
+            killed = _kill_actor_running("TeacherScorer")
+        time.sleep(0.1)
+    worker.join(timeout=600)
+    assert killed is not None, "no TeacherScorer actor was found alive mid-run"
+    manifest = result["manifest"]
+    ids = [r["id"] for r in all_rows(out)]
+    assert len(ids) == len(set(ids)) == 96 - manifest.rejected_rows

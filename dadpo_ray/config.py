@@ -66,6 +66,9 @@ class PromptsConfig(_Strict):
     prompt_column: str = Field("prompt", description="Column holding a plain prompt string, if no messages/turns.")
     id_column: str = Field("id", description="Column with a unique row id; missing = a stable hash of the prompt.")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts (after reading).")
+    strip_final_assistant: bool = Field(
+        False, description="Drop a chat's last assistant turn (SFT datasets such as UltraChat store the answer last)."
+    )
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Fraction of prompts held out for evaluation, chosen by a hash of the id."
     )
@@ -140,7 +143,9 @@ class TrainConfig(_Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps of linear warmup.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR decay after warmup.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_seq_len: int = Field(1024, ge=8, description="Prompt + response tokens; longer pairs are cut from the right.")
+    max_seq_len: int = Field(
+        1024, ge=8, description="Prompt + response tokens. Longer pairs are skipped and counted, never cut: the "
+        "dataset's summed reference/teacher log-probs cover whole responses.")
     chunk_size: int = Field(256, ge=1, description="Response tokens per chunk of the LM-head/log-prob pass.")
     seed: int = Field(0, description="Seed of weights-independent randomness (data order, dropout).")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
@@ -157,17 +162,44 @@ class EvalConfig(_Strict):
         "'none' = offline proxies only (teacher NLL, top-1 agreement, KL)."
     )
     judge_model: ModelSpec | None = Field(None, description="Judge model for judge='llm' (default: the teacher).")
-    endpoint: str | None = Field(None, description="Base URL of the OpenAI-compatible endpoint (judge='openai').")
+    tie_margin: float = Field(
+        0.1, ge=0, description="judge='llm': |log p(A) - log p(B)| below this (nats, over the three labels) "
+        "is a tie, as is the tie label winning outright."
+    )
+    endpoint: str | None = Field(
+        None, description="Base URL of the OpenAI-compatible endpoint (judge='openai'), e.g. "
+        "'https://api.openai.com/v1' or 'http://head:8000/v1' for `vllm serve`; '/chat/completions' is appended."
+    )
     endpoint_model: str | None = Field(None, description="Model name to ask the endpoint for.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the API key (never logged or "
+        "written). Unset = requests carry no Authorization header (fine for a local `vllm serve`)."
+    )
     concurrency: int = Field(4, ge=1, description="Endpoint requests in flight at once.")
     max_retries: int = Field(4, ge=0, description="Retries per endpoint request (exponential backoff).")
+    backoff_s: float = Field(1.0, gt=0, description="First retry waits this long; each further retry doubles it.")
     timeout_s: float = Field(60.0, gt=0, description="Seconds per endpoint request.")
+    judge_max_tokens: int = Field(16, ge=1, description="judge='openai': max_tokens of each verdict reply.")
     compare: list[ModelSpec] = Field(
         default_factory=list, description="Extra models to evaluate beside the trained student (e.g. a baseline)."
     )
     max_new_tokens: int | None = Field(None, ge=1, description="Answer length cap; None = generate.max_new_tokens.")
+    batch_size: int = Field(8, ge=1, description="Prompts per call inside an eval actor (answering and judging).")
+    candidate_pool: PoolConfig = Field(
+        default_factory=PoolConfig, description="Actor pool in which each evaluated model answers the prompts."
+    )
+    judge_pool: PoolConfig = Field(
+        default_factory=PoolConfig, description="Actor pool running the teacher (NLL of the answers) and the llm "
+        "judge (the same model when judge_model is unset)."
+    )
     bootstrap: int = Field(1000, ge=10, description="Bootstrap resamples for the 95% intervals.")
+    seed: int = Field(0, description="Seed of the bootstrap resampling.")
+
+    @model_validator(mode="after")
+    def _endpoint_given(self) -> EvalConfig:
+        if self.judge == "openai" and not (self.endpoint and self.endpoint_model):
+            raise ValueError("judge='openai' needs eval.endpoint and eval.endpoint_model")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------- prune
@@ -177,6 +209,12 @@ class PruneConfig(_Strict):
     score: Literal["taylor", "magnitude"] = Field("taylor", description="Channel importance score.")
     prune_heads: bool = Field(False, description="Also remove whole KV groups of attention heads.")
     calibration_prompts: int = Field(16, ge=1, description="Prompts used to measure the Taylor importance.")
+
+
+class DsftConfig(_Strict):
+    enabled: bool = Field(False, description="Fine-tune the student on the teacher's answers before daDPO (Zephyr).")
+    epochs: int = Field(1, ge=1, description="dSFT passes over the teacher's answers.")
+    lr: float = Field(2e-5, gt=0, description="dSFT peak learning rate (the rest of `train` applies as is).")
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
@@ -198,6 +236,7 @@ class RecipeConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    dsft: DsftConfig = Field(default_factory=DsftConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     def fingerprint(self, *sections: str) -> str:

@@ -76,6 +76,8 @@ def _messages(row: dict, cfg: PromptsConfig) -> list[dict]:
         raise ValueError("no prompt", f"no {cfg.messages_column}, {cfg.turns_column} or {cfg.prompt_column} column")
     if not isinstance(messages, list) or not messages:
         raise ValueError("empty text", "empty conversation")
+    if cfg.strip_final_assistant and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
     clean = []
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES:

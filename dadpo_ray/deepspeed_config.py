@@ -48,13 +48,13 @@ def _scheduler(train: TrainConfig, total_steps: int) -> dict:
         "warmup_num_steps": warmup, "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"}}
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, total_steps: int) -> dict:
-    """The DeepSpeed dict for `deepspeed.initialize(config=...)`. `total_steps` sizes the LR schedule."""
+def deepspeed_config(train: TrainConfig, world_size: int, total_steps: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed dict for `deepspeed.initialize(config=...)`. `total_steps` sizes the LR schedule.
+
+    load_universal: the checkpoint to resume from was converted to DeepSpeed's universal format, because it
+    was written by another number of workers (ZeRO partitions depend on the world size).
+    """
     zero: dict = {"stage": train.zero_stage}
-    if train.zero_stage in (1, 2):
-        # Elastic ZeRO-1/2 checkpoints hold unpartitioned optimizer state, so a run can resume on another
-        # number of workers (e.g. 2 -> 1 after losing a node).
-        zero["elastic_checkpoint"] = True
     if train.zero_stage == 3:
         # Gather the 16-bit weights on save, so the export writes one consolidated state dict.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
@@ -75,5 +75,6 @@ def deepspeed_config(train: TrainConfig, world_size: int, total_steps: int) -> d
         "fp16": {"enabled": train.precision == "fp16"},
         "steps_per_print": 10**9,  # we log every step ourselves
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     return config

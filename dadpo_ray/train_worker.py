@@ -9,6 +9,7 @@ worker starts; `config` is a plain dict: {"recipe": RecipeConfig dump, "data_dir
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -109,6 +110,15 @@ def mean_over_ranks(parts: list[dict], device) -> dict:
     return {k: (v if k == "tokens" else v / world) for k, v in zip(keys, summed)}
 
 
+def peak_memory_mb() -> float:
+    """This worker's peak memory: accelerator memory on GPU, the process's peak RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def grad_norm(engine) -> float:
     """Norm of the last step's gradients before clipping (DeepSpeed returns None when it has none)."""
     norm = engine.get_global_grad_norm()
@@ -156,14 +166,38 @@ def save_checkpoint(engine, pos: Position, rank: int, world: int, metrics: dict)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(engine, checkpoint, rank: int, world: int, saved_world: int) -> None:
+def to_universal(ds_dir: str, out_dir: str) -> None:
+    """Convert a DeepSpeed ZeRO checkpoint to the universal format, which loads on any number of workers."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    main(argparse.Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1,
+                            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
+def load_checkpoint(engine, checkpoint, rank: int, local_rank: int, world: int, saved_world: int) -> None:
+    """Restore DeepSpeed state (and each rank's RNG when the ranks are the same ones)."""
+    import torch.distributed as dist
+
     with checkpoint.as_directory() as d:
-        path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+        if saved_world == world:
+            path, _ = engine.load_checkpoint(d, tag=DS_TAG)
+            rng_file = Path(d) / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # ZeRO partitions depend on the world size: convert (once per node), then load
+            universal = Path(tempfile.gettempdir()) / f"dadpo-universal-{hashlib.sha1(str(d).encode()).hexdigest()[:12]}"
+            if local_rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+                to_universal(str(Path(d) / DS_TAG), str(universal / DS_TAG))
+            dist.barrier()
+            path, _ = engine.load_checkpoint(str(universal), tag=DS_TAG)
+            dist.barrier()
+            if local_rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_TAG}")
-        rng_file = Path(d) / f"rng_rank{rank}.pt"
-        if saved_world == world and rng_file.exists():  # same ranks: continue each rank's random stream
-            set_rng_state(torch.load(rng_file, weights_only=False))
 
 
 def trim_metrics(run_dir: str, step: int) -> None:
@@ -214,10 +248,11 @@ def train_loop_per_worker(config: dict) -> None:
     left = steps_left_in_epoch(len(rows), pos.consumed, G) + (train.epochs - pos.epoch - 1) * per_epoch
     total = pos.step + (min(left, train.max_steps - pos.step) if train.max_steps else left)
 
-    engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
-                                           config=deepspeed_config(train, world, total), dist_init_required=False)
+    ds_config = deepspeed_config(train, world, total, load_universal=saved_world != world)
+    engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config,
+                                           dist_init_required=False)  # reuses Ray Train's process group
     if checkpoint is not None:
-        load_checkpoint(engine, checkpoint, rank, world, saved_world)
+        load_checkpoint(engine, checkpoint, rank, ctx.get_local_rank(), world, saved_world)
     run_dir = config["run_dir"]
     if rank == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -230,6 +265,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     bar = tqdm(total=total, initial=pos.step, desc="train", disable=rank != 0, dynamic_ncols=True)
     log = open(Path(run_dir) / METRICS_FILE, "a") if rank == 0 else None
+    board = None
+    if train.tensorboard and rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
     last_saved = resumed_from = pos.step  # resumed_from > 0 in the log shows where a run was resumed
     while pos.epoch < train.epochs and pos.step < total:
         order = epoch_order(len(rows), train.seed, pos.epoch)
@@ -248,12 +288,16 @@ def train_loop_per_worker(config: dict) -> None:
                 samples_seen=pos.samples_seen + G, lr=engine.get_lr()[0],
                 grad_norm=grad_norm(engine),
                 tokens_per_s=metrics.pop("tokens") / elapsed, step_time_s=elapsed, world_size=world,
-                resumed_from=resumed_from)
+                resumed_from=resumed_from, peak_mem_mb_rank0=peak_memory_mb())
             pos = Position(pos.epoch, pos.consumed + G, pos.step + 1, pos.samples_seen + G)
             metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
             if log:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+            if board:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        board.add_scalar(key, value, metrics["step"])
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["reward_acc"])
             if pos.step % train.checkpoint_every == 0:
@@ -268,6 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
     bar.close()
     if log:
         log.close()
+    if board:
+        board.close()
 
     # --- export
     state = gathered_state_dict(engine.module.model, train.zero_stage, rank)

@@ -74,7 +74,7 @@ def test_deepspeed_config_derives_batches_and_schedule():
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert ds["scheduler"]["type"] == "WarmupDecayLR" and ds["scheduler"]["params"]["warmup_num_steps"] == 10
-    assert deepspeed_config(TrainConfig(zero_stage=2), 1, 10)["zero_optimization"]["elastic_checkpoint"]
+    assert deepspeed_config(TrainConfig(zero_stage=2), 1, 10, load_universal=True)["checkpoint"]["load_universal"]
 
 
 def test_hardware_refusals():

@@ -75,6 +75,14 @@ def _cmd_run(args) -> int:
     from dadpo_ray.ray_session import ray_session
 
     cfg = _load(args)
+    if args.schedule:
+        from dadpo_ray.schedule import run_scheduled
+
+        outcome = run_scheduled(cfg, compare_ddpo=args.compare)
+        if outcome.result is not None:
+            _print_summary(outcome.result)
+        print(outcome.message)
+        return 0
     with ray_session(cfg.ray):
         _print_summary(run_recipe(cfg, compare_ddpo=args.compare))
     return 0
@@ -144,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole recipe from one YAML: prune, dSFT, generate, train, eval, report")
     _add_config_args(p)
     p.add_argument("--compare", action="store_true", help="also train the dDPO baseline and add its row")
+    p.add_argument("--schedule", action="store_true",
+                   help="one scheduled tick: only prompts no earlier run consumed, a dated run dir, continue from "
+                        "the last model, under a lock (exit 0 when locked or nothing is new); see schedule.py")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("generate", help="Ray Data: teacher + student actor pools -> preference Parquet with top-k")

@@ -1,9 +1,10 @@
 """One typed config tree for every stage, loaded from YAML with `key.sub=value` overrides.
 
-A run is one YAML file (see `jobs/configs/`); each stage (`generate`, `train`, `eval`, `prune`, `run`) reads the
-sections it needs from the same tree. Every key is documented here, where it is defined. Unknown keys and wrong
-types are refused with the key's dotted path, e.g. `config.yaml: train.lr: Input should be a valid number`.
-The resolved config is written into the run dir and handed to Ray workers as a plain dict (`model_dump()`).
+A run is one YAML file (see `jobs/configs/`); each stage (`generate`, `train`, `eval`, `prune`, `run`,
+`run --schedule`) reads the sections it needs from the same tree. Every key is documented here, where it is defined.
+Unknown keys and wrong types are refused with the key's dotted path, e.g.
+`config.yaml: train.lr: Input should be a valid number`. The resolved config is written into the run dir and handed
+to Ray workers as a plain dict (`model_dump()`).
 """
 
 from __future__ import annotations
@@ -217,6 +218,23 @@ class DsftConfig(_Strict):
     lr: float = Field(2e-5, gt=0, description="dSFT peak learning rate (the rest of `train` applies as is).")
 
 
+# -------------------------------------------------------------------------------------------------- schedule
+class ScheduleConfig(_Strict):
+    """Only read by `dadpo-ray run --schedule` (dadpo_ray/schedule.py): one tick of a nightly, incremental run."""
+
+    storage_path: str | None = Field(
+        None, description="Directory holding schedule/state.json, schedule/lock.json and runs/<UTC time>/; "
+        "None = run_dir. Its parent must exist and be writable; the pipeline writes run dirs on local paths "
+        "(a mounted volume on a cluster), so URIs are refused for now.")
+    keep_runs: int = Field(
+        3, ge=1, description="Run dirs kept under runs/ (oldest deleted after a successful run); the one holding "
+        "the last exported model is never deleted.")
+    lock_ttl_minutes: float = Field(
+        1320, gt=0, description="A lock older than this is taken to belong to a crashed run and is taken over. "
+        "Must exceed the longest run (a live run past its TTL can lose its lock). The default, 22 h, is above "
+        "the KubeRay job's 20 h deadline and below the nightly 24 h period (cluster/kuberay/).")
+
+
 # ------------------------------------------------------------------------------------------------ the recipe
 class RayConfig(_Strict):
     address: str | None = Field(
@@ -238,6 +256,7 @@ class RecipeConfig(_Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig)
     dsft: DsftConfig = Field(default_factory=DsftConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def fingerprint(self, *sections: str) -> str:
         """Stable hash of the named sections: tells whether existing output was made with this config."""

@@ -35,26 +35,34 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-@torch.no_grad()
-def score_responses(
-    model, prompts: list[list[int]], responses: list[list[int]], k: int | None, pad_id: int
-) -> list[Scored]:
-    """One forward over left-padded prompt + response; only the last max(len(response)) + 1 positions get logits."""
+def _response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """Yield log_softmax [len(response), V] (fp32) per response, or None for an empty one.
+
+    One forward over left-padded prompt + response; only the last max(len(response)) + 1 positions get logits.
+    """
     ids, mask = left_pad([p + r for p, r in zip(prompts, responses)], pad_id)
     keep = max(len(r) for r in responses) + 1
     logits = model(
         input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
         position_ids=positions_from_mask(mask).to(model.device), logits_to_keep=keep,
     ).logits  # [B, keep, V]
-    results = []
     for i, response in enumerate(responses):
         n = len(response)
-        if n == 0:
-            results.append(Scored(0.0, [] if k else None, [] if k else None))
-            continue
         # kept index keep-1 is the last position (predicts past the end); response token j is predicted at
         # kept index keep - 1 - n + j.
-        logprobs = torch.log_softmax(logits[i, keep - 1 - n: keep - 1].float(), dim=-1)  # [n, V]
+        yield torch.log_softmax(logits[i, keep - 1 - n: keep - 1].float(), dim=-1) if n else None  # [n, V]
+
+
+@torch.no_grad()
+def score_responses(
+    model, prompts: list[list[int]], responses: list[list[int]], k: int | None, pad_id: int
+) -> list[Scored]:
+    """Summed log-prob of each response, and its top-k per response token when k is given."""
+    results = []
+    for response, logprobs in zip(responses, _response_logprobs(model, prompts, responses, pad_id)):
+        if logprobs is None:
+            results.append(Scored(0.0, [] if k else None, [] if k else None))
+            continue
         target = torch.tensor(response, device=logprobs.device)
         logp = logprobs.gather(-1, target[:, None]).sum().item()
         if k:
@@ -63,3 +71,36 @@ def score_responses(
         else:
             results.append(Scored(logp, None, None))
     return results
+
+
+@dataclass
+class AtIds:
+    logprobs: list[list[float]]  # [T][k]: log p(id | prompt, response tokens before j) for each given id
+    top1: list[int]  # [T]: the model's most likely token at each position
+
+
+@torch.no_grad()
+def logprobs_at_ids(
+    model, prompts: list[list[int]], responses: list[list[int]], ids: list[list[list[int]]], pad_id: int
+) -> list[AtIds]:
+    """This model's log-probs at given ids per response token (e.g. another model's stored top-k ids), plus its
+    own top-1, under the same alignment rule; ids[i] is [len(responses[i])][k]."""
+    results = []
+    for at, logprobs in zip(ids, _response_logprobs(model, prompts, responses, pad_id)):
+        if logprobs is None:
+            results.append(AtIds([], []))
+            continue
+        index = torch.tensor(at, dtype=torch.long, device=logprobs.device)  # [n, k]
+        results.append(AtIds(logprobs.gather(-1, index).tolist(), logprobs.argmax(-1).tolist()))
+    return results
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prompts: list[list[int]], ids: list[int], pad_id: int) -> list[list[float]]:
+    """log p(next token = id | prompt) for each given id, per prompt: [B][len(ids)] (fp32 log_softmax)."""
+    input_ids, mask = left_pad(prompts, pad_id)
+    logits = model(
+        input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device),
+        position_ids=positions_from_mask(mask).to(model.device), logits_to_keep=1,
+    ).logits[:, -1]  # [B, V]
+    return torch.log_softmax(logits.float(), dim=-1)[:, ids].tolist()

@@ -164,8 +164,12 @@ class EvalConfig(_Strict):
     )
     judge_model: ModelSpec | None = Field(None, description="Judge model for judge='llm' (default: the teacher).")
     tie_margin: float = Field(
-        0.1, ge=0, description="judge='llm': |log p(A) - log p(B)| below this (nats, over the three labels) "
-        "is a tie, as is the tie label winning outright."
+        0.1, ge=0, description="judge='llm': the candidate's log-odds summed over both orders (nats, see "
+        "dadpo_ray.verdicts) below this in size is a tie; per order, |log p(A) - log p(B)| below it labels C."
+    )
+    tie_label: bool = Field(
+        True, description="judge='llm': a tie when the tie label 'C' is the judge's likeliest answer in both "
+        "orders. False suits small judges that answer 'C' to everything (their A-vs-B log-odds still count)."
     )
     endpoint: str | None = Field(
         None, description="Base URL of the OpenAI-compatible endpoint (judge='openai'), e.g. "
@@ -226,6 +230,9 @@ class ScheduleConfig(_Strict):
         None, description="Directory holding schedule/state.json, schedule/lock.json and runs/<UTC time>/; "
         "None = run_dir. Its parent must exist and be writable; the pipeline writes run dirs on local paths "
         "(a mounted volume on a cluster), so URIs are refused for now.")
+    max_new_prompts: int | None = Field(
+        None, ge=1, description="Take at most this many unseen prompts per run (the first ones in the set), so "
+        "a big set is consumed over several runs; None = all unseen prompts. `prompts.limit` caps the set itself.")
     keep_runs: int = Field(
         3, ge=1, description="Run dirs kept under runs/ (oldest deleted after a successful run); the one holding "
         "the last exported model is never deleted.")

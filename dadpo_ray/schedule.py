@@ -8,7 +8,8 @@
 
     check the storage          missing parent, not a directory, not writable, unreachable URI: one-line DadpoError
     take the lock              held and not expired: print its holder, exit 0; expired: take it over
-    select the prompts         those of `prompts` that no successful run consumed; none: print so, exit 0
+    select the prompts         those of `prompts` no successful run consumed (at most schedule.max_new_prompts);
+                               none: print so, exit 0
     run the recipe             on <run dir>/prompts.jsonl, starting from the last exported model
                                (pruning only on the first run); the generation stage is unchanged
     record                     success: prompts and model into state.json (atomically), old run dirs deleted;
@@ -246,11 +247,13 @@ class Outcome:
 
 
 def select_prompts(cfg: RecipeConfig, consumed: set[str]) -> tuple[list, int, int]:
-    """-> (prompts no successful run consumed, prompts in the set, rows set aside as invalid)."""
+    """-> (the first schedule.max_new_prompts prompts no successful run consumed, prompts in the set, rows set
+    aside as invalid)."""
     from dadpo_ray.prompts import load_prompts
 
     prompts, rejects = load_prompts(cfg.prompts)
-    return [p for p in prompts if p.id not in consumed], len(prompts), len(rejects)
+    fresh = [p for p in prompts if p.id not in consumed]
+    return fresh[: cfg.schedule.max_new_prompts], len(prompts), len(rejects)
 
 
 def tick_config(cfg: RecipeConfig, run_dir: str, prompts_file: str, start_model: str | None) -> RecipeConfig:
@@ -319,7 +322,8 @@ def _tick(cfg: RecipeConfig, storage: str, compare_ddpo: bool) -> Outcome:
     state.current = {"run_dir": run_dir, "started_at": _iso(started), "prompts": len(ids), **key}
     write_state(storage, state)
     start = state.last_model or "the configured student (first run)"
-    print(f"[schedule] {len(ids)} new of {total} prompts -> {run_dir}, starting from {start}", flush=True)
+    print(f"[schedule] {len(ids)} new prompts ({len(state.consumed)} of {total} consumed before) -> {run_dir}, "
+          f"starting from {start}", flush=True)
 
     run_cfg = tick_config(cfg, run_dir, prompts_file, state.last_model)
     entry = {"run_dir": run_dir, "started_at": _iso(started), "prompts": len(ids), "student": state.last_model}

@@ -13,7 +13,7 @@ from dadpo_ray.config import load_config
 from dadpo_ray.errors import DadpoError
 from dadpo_ray.records import read_manifest
 from dadpo_ray.schedule import (LOCK_NAME, SCHEDULE_DIR, Lock, LockHeld, acquire_lock, prune_runs, read_state,
-                                release_lock, run_scheduled)
+                                release_lock, run_scheduled, select_prompts, tick_config)
 from tests.conftest import REPO
 
 QUICK = REPO / "dadpo_ray" / "configs" / "demo_quick.yaml"
@@ -113,6 +113,27 @@ def test_keep_last_n_never_deletes_the_run_holding_the_last_model(tmp_path):
     assert deleted == [names[0], names[2]]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [names[1], names[3], names[4]]
     assert prune_runs(str(tmp_path), keep=5, protect=set()) == []
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def test_selection_skips_consumed_prompts_and_caps_each_run(tmp_path):
+    _prompt_file(tmp_path / "prompts.jsonl", 10)
+    cfg = _quick(tmp_path, f"prompts.source={tmp_path}/prompts.jsonl", "prompts.limit=null")
+    fresh, total, invalid = select_prompts(cfg, consumed={"p1", "p3"})
+    assert [p.id for p in fresh] == ["p0", "p2", "p4", "p5", "p6", "p7", "p8", "p9"] and (total, invalid) == (10, 0)
+    cfg.schedule.max_new_prompts = 3
+    assert [p.id for p in select_prompts(cfg, consumed={"p1", "p3"})[0]] == ["p0", "p2", "p4"]
+
+
+def test_tick_config_continues_from_the_last_model_without_pruning(tmp_path):
+    cfg = _quick(tmp_path, "prompts.limit=24", "prompts.eval_fraction=0.3")
+    first = tick_config(cfg, f"{tmp_path}/runs/a", f"{tmp_path}/runs/a/prompts.jsonl", start_model=None)
+    assert first.prune.enabled and first.models.student.path == cfg.models.student.path
+    assert (first.prompts.source, first.prompts.limit, first.prompts.eval_fraction) == \
+        (f"{tmp_path}/runs/a/prompts.jsonl", None, 0.3)
+    later = tick_config(cfg, f"{tmp_path}/runs/b", f"{tmp_path}/runs/b/prompts.jsonl", f"{tmp_path}/runs/a/model")
+    assert not later.prune.enabled and later.models.student.path == f"{tmp_path}/runs/a/model"
+    assert later.run_dir == f"{tmp_path}/runs/b" and later.models.reference is None  # reference = that student
 
 
 # ---------------------------------------------------------------------------------- real ticks on Ray

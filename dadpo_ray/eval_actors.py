@@ -123,4 +123,5 @@ class TeacherJudge:
                     lp = logprobs[2 * i + j]
                     row[f"{order}_label"] = label_from_logprobs(lp, self.cfg.eval.tie_margin) or ""
                     row[f"{order}_raw"] = " ".join(f"{label}={x:.4f}" for label, x in zip(LABELS, lp))
+                    row[f"{order}_logprobs"] = lp
         return pa.Table.from_pylist(rows)

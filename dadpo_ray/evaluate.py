@@ -32,7 +32,9 @@ from dadpo_ray.config import ModelSpec, RecipeConfig
 from dadpo_ray.errors import DadpoError
 from dadpo_ray.eval_actors import CandidateAnswerer, TeacherJudge, answer_settings
 from dadpo_ray.records import Manifest, check_tokenizer, open_dataset, read_rows
-from dadpo_ray.verdicts import CANDIDATE_FIRST, TEACHER_FIRST, combine_orders, judge_messages, ordered_answers, summarize
+from dadpo_ray.verdicts import (
+    CANDIDATE_FIRST, TEACHER_FIRST, combine_logprobs, combine_orders, judge_messages, ordered_answers, summarize,
+)
 
 RESULTS_NAME = "results.json"
 ANSWERS_NAME = "answers.jsonl"
@@ -61,11 +63,15 @@ def held_out_rows(rows: list[dict], data_dir: str) -> list[dict]:
 
 def _check_models(cfg: RecipeConfig, manifest: Manifest, data_dir: str, candidates: dict[str, ModelSpec]) -> None:
     """Every candidate's and the teacher's tokenizer loads (an error names the model) and is the dataset's."""
-    from dadpo_ray.models import load_tokenizer, vocab_fingerprint
+    from dadpo_ray.models import load_tokenizer, resolve_model_path, vocab_fingerprint
 
     if not candidates:
         raise DadpoError("eval: no candidate models to evaluate")
     for name, spec in {"teacher": cfg.models.teacher, **candidates}.items():
+        local = Path(resolve_model_path(spec)).expanduser()
+        if local.is_dir() and not ((local / "config.json").exists() and any(local.glob("*.safetensors"))):
+            raise DadpoError(f"model {spec.path} ({name}): not a loadable model dir (needs config.json and "
+                             "*.safetensors weights)")
         fp = vocab_fingerprint(load_tokenizer(spec))
         check_tokenizer(manifest, fp.size, fp.sha256, f"{data_dir} vs model {spec.path} ({name})")
     if cfg.eval.judge == "llm" and cfg.eval.judge_model is not None:
@@ -145,6 +151,16 @@ def judge_with_endpoint(cfg: RecipeConfig, out: Path, answered: dict[str, list[d
     return judge.requests_sent
 
 
+def _outcome(cfg: RecipeConfig, row: dict) -> int | None:
+    """+1 / 0 / -1 for the candidate from both orders' verdicts (see dadpo_ray.verdicts); None without a judge."""
+    if cfg.eval.judge == "llm":
+        return combine_logprobs(row[f"{TEACHER_FIRST}_logprobs"], row[f"{CANDIDATE_FIRST}_logprobs"],
+                                cfg.eval.tie_margin, cfg.eval.tie_label)
+    if cfg.eval.judge == "openai":
+        return combine_orders(row[f"{TEACHER_FIRST}_label"] or None, row[f"{CANDIDATE_FIRST}_label"] or None)
+    return None
+
+
 def _candidate_results(cfg: RecipeConfig, spec: ModelSpec, rows: list[dict]) -> dict:
     judged = cfg.eval.judge != "none"
     outcomes = [row["outcome"] for row in rows] if judged else []
@@ -188,9 +204,7 @@ def evaluate(cfg: RecipeConfig, data_dir: str, out_dir: str, candidates: dict[st
     for name, answers in answered.items():
         for row in answers:
             row["candidate"] = name
-            if ev.judge != "none":
-                row["outcome"] = combine_orders(row[f"{TEACHER_FIRST}_label"] or None,
-                                                row[f"{CANDIDATE_FIRST}_label"] or None)
+            row["outcome"] = _outcome(cfg, row)
     lines = [json.dumps({k: v for k, v in row.items() if k not in ("prompt_ids", "answer_ids")}, ensure_ascii=False)
              for name in answered for row in answered[name]]
     _write_atomically(out / ANSWERS_NAME, "".join(line + "\n" for line in lines))

@@ -1,8 +1,15 @@
 """Pairwise judging, the pure part: the judge prompt, reading a verdict, both orders, rates with intervals.
 
 Every comparison is asked twice, once with the teacher's answer first and once with the candidate's first, to
-cancel the judge's position bias. Each order gives the candidate +1 (its answer won), 0 (tie) or -1 (lost); the
-two are summed and the sign is the outcome, so a judge that always picks "A" yields a tie, never a win.
+cancel the judge's position bias:
+
+- judge='openai' (labels): each order gives the candidate +1 (its answer won), 0 (tie) or -1 (lost); the two are
+  summed and the sign is the outcome, so a judge that always picks "A" yields a tie, never a win.
+- judge='llm' (label log-probs): the candidate's log-odds log p(its label) - log p(teacher's label) are summed
+  over both orders, d = (lp_B - lp_A)[teacher first] + (lp_A - lp_B)[candidate first], so a constant preference
+  for one position cancels exactly; |d| < tie_margin is a tie, else the sign of d. With `tie_label`, a judge
+  whose likeliest label is the tie label "C" in both orders declares a tie. Small judges (SmolLM2-135M) favour
+  "C" and "B" whatever the answers, yet their A-vs-B log-odds still separate a sensible answer from nonsense.
 
     win rate         = wins / n
     preference rate  = win rate - loss rate       (the daDPO paper's headline metric, Table 2)
@@ -98,6 +105,22 @@ def combine_orders(teacher_first: str | None, candidate_first: str | None) -> in
     """Outcome of one prompt for the candidate from the labels of both orders: +1 win, 0 tie, -1 loss."""
     total = candidate_score(teacher_first, TEACHER_FIRST) + candidate_score(candidate_first, CANDIDATE_FIRST)
     return (total > 0) - (total < 0)
+
+
+def candidate_logodds(logprobs: list[float], order: str) -> float:
+    """log p(candidate's label) - log p(teacher's label) in one order, from the (A, B, C) label log-probs."""
+    a, b = logprobs[0], logprobs[1]
+    return b - a if order == TEACHER_FIRST else a - b
+
+
+def combine_logprobs(teacher_first: list[float], candidate_first: list[float], tie_margin: float,
+                     tie_label: bool = True) -> int:
+    """Outcome of one prompt for the candidate from the judge's label log-probs in both orders (see the top)."""
+    labels = [label_from_logprobs(teacher_first, 0.0), label_from_logprobs(candidate_first, 0.0)]
+    if None in labels or (tie_label and labels == ["C", "C"]):
+        return 0  # unparseable counts as a tie
+    d = candidate_logodds(teacher_first, TEACHER_FIRST) + candidate_logodds(candidate_first, CANDIDATE_FIRST)
+    return 0 if abs(d) < tie_margin else (1 if d > 0 else -1)
 
 
 # ------------------------------------------------------------------------------------------------- rates

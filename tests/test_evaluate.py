@@ -18,7 +18,8 @@ from dadpo_ray.generate import generate
 from dadpo_ray.records import open_dataset, read_manifest, read_rows, write_manifest, write_shard
 from dadpo_ray.report import format_table, write_report
 from dadpo_ray.verdicts import (
-    CANDIDATE_FIRST, TEACHER_FIRST, combine_orders, judge_messages, label_from_logprobs, parse_label, summarize,
+    CANDIDATE_FIRST, TEACHER_FIRST, combine_logprobs, combine_orders, judge_messages, label_from_logprobs, parse_label,
+    summarize,
 )
 from tests.conftest import shared_path
 
@@ -44,6 +45,24 @@ def test_both_orders_cancel_position_bias_on_hand_made_label_logprobs():
     # Not finite: unparseable (None), which counts as a tie.
     assert label_from_logprobs([float("nan"), -1.0, -2.0], 0.1) is None
     assert combine_orders(None, label(says_b)) == -1 and combine_orders(None, None) == 0
+
+
+def test_llm_judge_log_odds_cancel_a_constant_position_bias():
+    """d = (lp_B - lp_A)[teacher first] + (lp_A - lp_B)[candidate first].
+
+    A judge with a +1.0 nat bias toward "B" that likes the candidate by 0.3 nats: teacher first it sees
+    (A = teacher, B = candidate): lp_B - lp_A = 1.0 + 0.3; candidate first: lp_A - lp_B = 0.3 - 1.0.
+    d = 1.3 - 0.7 = 0.6 > 0: a win, although "B" is its label in both orders (labels alone would say tie)."""
+    teacher_first, candidate_first = [-2.0, -0.7, -3.0], [-1.7, -1.0, -3.0]
+    assert label_from_logprobs(teacher_first, 0.1) == label_from_logprobs(candidate_first, 0.1) == "B"
+    assert combine_orders("B", "B") == 0
+    assert combine_logprobs(teacher_first, candidate_first, tie_margin=0.1) == 1
+    assert combine_logprobs(candidate_first, teacher_first, tie_margin=0.1) == -1  # mirror image: the teacher's
+    assert combine_logprobs(teacher_first, candidate_first, tie_margin=0.7) == 0  # |d| = 0.6 within the margin
+    # The tie label likeliest in both orders: a tie, unless tie_label=False leaves it to the log-odds.
+    tie_tf, tie_cf = [-2.0, -1.5, -0.5], [-1.8, -1.7, -0.5]  # d = 0.5 + (-0.1) = 0.4
+    assert combine_logprobs(tie_tf, tie_cf, 0.1) == 0 and combine_logprobs(tie_tf, tie_cf, 0.1, tie_label=False) == 1
+    assert combine_logprobs([float("nan")] * 3, candidate_first, 0.1) == 0  # unparseable: a tie
 
 
 def test_judge_replies_are_parsed_or_declared_unparseable():
@@ -233,7 +252,8 @@ def test_llm_judge_end_to_end_with_proxies_and_report(dataset, tmp_path):
     assert len(answers) == 2 * n and {a["candidate"] for a in answers} == set(candidates)
     for a in answers:  # both orders judged, outcome = their combination
         assert a[f"{TEACHER_FIRST}_label"] in ("A", "B", "C") and a[f"{CANDIDATE_FIRST}_label"] in ("A", "B", "C")
-        assert a["outcome"] == combine_orders(a[f"{TEACHER_FIRST}_label"] or None, a[f"{CANDIDATE_FIRST}_label"] or None)
+        assert a["outcome"] == combine_logprobs(a[f"{TEACHER_FIRST}_logprobs"], a[f"{CANDIDATE_FIRST}_logprobs"],
+                                                cfg.eval.tie_margin, cfg.eval.tie_label)
     for name, r in results["candidates"].items():
         mine = [a for a in answers if a["candidate"] == name]
         assert r["n"] == n and (r["wins"], r["losses"]) == (sum(a["outcome"] == 1 for a in mine),
@@ -318,3 +338,8 @@ def test_eval_prompts_repeating_training_prompts_are_refused(dataset, tmp_path):
         held_out_rows([r for r in rows if r["split"] == "train"], "data")
     with pytest.raises(DadpoError, match="/nonexistent/model"):
         evaluate(cfg, str(data_dir), str(tmp_path / "eval"), {"x": ModelSpec(path="/nonexistent/model")})
+    broken = tmp_path / "broken-model"  # a trained model dir whose export died before the weights
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    with pytest.raises(DadpoError, match=f"model {re.escape(str(broken))} \\(student after\\): not a loadable"):
+        evaluate(cfg, str(data_dir), str(tmp_path / "eval"), {"student after": ModelSpec(path=str(broken))})

@@ -50,7 +50,8 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
             _pct(r["win_rate"], sign=False) + _ci(r["win_rate_ci"], sign=False),
             _pct(r["preference_rate"]) + _ci(r["preference_rate_ci"]),
             str(r["unparseable"]) if judged else "-",
-            _num(r["teacher_nll"]), f"{100 * r['top1_agreement']:.1f}%", _num(r["kl_teacher"], 4),
+            _num(r["teacher_nll"]), f"{100 * r['top1_agreement']:.1f}%",
+            _num(max(r["kl_teacher"], 0.0), 4),  # a KL is >= 0; -1e-10 is float noise
         ])
     return header, rows
 

@@ -52,12 +52,15 @@ def _cmd_train(args) -> int:
 def _cmd_eval(args) -> int:
     from dadpo_ray.evaluate import evaluate_from_config
     from dadpo_ray.ray_session import ray_session
-    from dadpo_ray.report import format_table
+    from dadpo_ray.records import read_manifest
+    from dadpo_ray.report import format_table, write_report
 
     cfg = _load(args)
     with ray_session(cfg.ray):
         results = evaluate_from_config(cfg)
+    report = write_report(cfg.run_dir, cfg, results, None, read_manifest(f"{cfg.run_dir}/data"))
     print(format_table(results))
+    print(f"report: {report}")
     return 0
 
 

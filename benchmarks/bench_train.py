@@ -106,7 +106,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- |")
     for preset, r in results.items():
         ratio = f"{r['step_time_s'] / base:.3f}x" if base else "-"
-        print(f"| {preset} | {r['step_time_s']:.3f} | {ratio} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb_rank0']:.0f} |")
+        print(f"| {preset} | {r['step_time_s']:.3f} | {ratio} | {r['tokens_per_s']:.0f} "
+              f"| {r['peak_mem_mb_rank0']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from dadpo_ray.config import RecipeConfig, save_config
 from dadpo_ray.deepspeed_config import check_hardware, global_batch
 from dadpo_ray.errors import DadpoError
 from dadpo_ray.records import Manifest, open_dataset, read_rows, row_problems
-from dadpo_ray.train_worker import METRICS_FILE, loss_weights, train_loop_per_worker
+from dadpo_ray.train_state import METRICS_FILE
+from dadpo_ray.train_worker import loss_weights, train_loop_per_worker
 
 # What validation reads: everything the contract checks, without the text columns.
 _CHECK_COLUMNS = [
@@ -80,6 +81,8 @@ def train(cfg: RecipeConfig, data_dir: str, out_dir: str) -> dict:
     from dadpo_ray.models import load_tokenizer, vocab_fingerprint
 
     t = cfg.train
+    if "://" in out_dir:  # workers write metrics and the export with plain file I/O
+        raise DadpoError(f"{out_dir}: training writes to a local or shared filesystem path, not a URI")
     weights = loss_weights(t.loss)  # refuses impossible loss mixes before anything is read
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise DadpoError("train.tensorboard: the tensorboard package is not installed (pip install tensorboard)")
@@ -97,8 +100,6 @@ def train(cfg: RecipeConfig, data_dir: str, out_dir: str) -> dict:
         ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus)
     check_hardware(t, ray.cluster_resources().get("GPU", 0))
 
-    if "://" in out_dir:  # workers write metrics and the export with plain file I/O
-        raise DadpoError(f"{out_dir}: training writes to a local or shared filesystem path, not a URI")
     out = Path(out_dir).resolve()
     run_dir = out / "train" / cfg.name
     save_config(cfg, run_dir / "config.yaml")
@@ -107,7 +108,8 @@ def train(cfg: RecipeConfig, data_dir: str, out_dir: str) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "recipe": cfg.model_dump(mode="json"), "data_dir": data_dir if "://" in data_dir else os.path.abspath(data_dir),
+            "recipe": cfg.model_dump(mode="json"),
+            "data_dir": data_dir if "://" in data_dir else os.path.abspath(data_dir),
             "files": manifest.files, "row_indices": keep, "run_dir": str(run_dir),
             "model_dir": str(out / "model"), "manifest": manifest.model_dump(mode="json"),
         },

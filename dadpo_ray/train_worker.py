@@ -9,17 +9,12 @@ worker starts; `config` is a plain dict: {"recipe": RecipeConfig dump, "data_dir
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dadpo_ray.batching import TRAIN_COLUMNS, collate, sequence_sums
@@ -27,10 +22,8 @@ from dadpo_ray.config import LossConfig, RecipeConfig
 from dadpo_ray.errors import DadpoError
 from dadpo_ray.losses import PRESETS, LossWeights, combined_loss, token_logps_chunked, topk_kl_from_logps
 from dadpo_ray.sampler import Position, epoch_order, rank_micro_batches, steps_left_in_epoch
+from dadpo_ray.train_state import METRICS_FILE, load_checkpoint, read_position, save_checkpoint, trim_metrics
 
-POSITION_FILE = "position.json"
-DS_TAG = "ds"  # DeepSpeed checkpoint tag inside each Ray checkpoint dir
-METRICS_FILE = "metrics.jsonl"
 
 
 def loss_weights(loss: LossConfig) -> LossWeights:
@@ -125,90 +118,64 @@ def grad_norm(engine) -> float:
     return float("nan") if norm is None else float(norm)
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+class MetricsLog:
+    """Rank 0's view of the run: metrics.jsonl (one line per step), a progress bar with ETA, TensorBoard."""
+
+    def __init__(self, run_dir: str, rank: int, step: int, total: int, tensorboard: bool):
+        from tqdm import tqdm
+
+        self.enabled = rank == 0
+        self.bar = tqdm(total=total, initial=step, desc="train", disable=not self.enabled, dynamic_ncols=True)
+        self.file = self.board = None
+        if self.enabled:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+            trim_metrics(run_dir, step)
+            self.file = open(Path(run_dir) / METRICS_FILE, "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.board:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.board.add_scalar(key, value, metrics["step"])
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["reward_acc"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if self.board:
+            self.board.close()
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def train_step(engine, weights: LossWeights, rows: list[dict], micro_batches: list[list[int]], pad_id: int) -> dict:
+    """One optimizer step over this rank's micro batches; returns metrics averaged over all ranks."""
+    started = time.perf_counter()
+    parts = []
+    for ids in micro_batches:
+        loss, part = micro_batch_loss(engine, weights, [rows[i] for i in ids], pad_id)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
+        parts.append(part)
+    metrics = mean_over_ranks(parts, engine.device)
+    elapsed = time.perf_counter() - started
+    metrics.update(lr=engine.get_lr()[0], grad_norm=grad_norm(engine), step_time_s=elapsed,
+                   tokens_per_s=metrics.pop("tokens") / elapsed, peak_mem_mb_rank0=peak_memory_mb())
+    return metrics
 
 
-def read_position(checkpoint) -> tuple[Position, int] | None:
-    """(position, world size that wrote it) from a Ray checkpoint, or None for a fresh start."""
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as d:
-        saved = json.loads((Path(d) / POSITION_FILE).read_text())
-    return Position(**saved["position"]), saved["world_size"]
-
-
-def save_checkpoint(engine, pos: Position, rank: int, world: int, metrics: dict) -> None:
-    """DeepSpeed state + data position + RNG, reported through Ray Train (which merges all ranks' files)."""
-    import ray.train
-
-    tmp = tempfile.mkdtemp(prefix="dadpo-ckpt-")
-    try:
-        engine.save_checkpoint(tmp, tag=DS_TAG)
-        torch.save(rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
-        if rank == 0:
-            (Path(tmp) / POSITION_FILE).write_text(json.dumps({"position": pos.as_dict(), "world_size": world}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{pos.step:07d}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def to_universal(ds_dir: str, out_dir: str) -> None:
-    """Convert a DeepSpeed ZeRO checkpoint to the universal format, which loads on any number of workers."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main
-
-    main(argparse.Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1,
-                            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-
-
-def load_checkpoint(engine, checkpoint, rank: int, local_rank: int, world: int, saved_world: int) -> None:
-    """Restore DeepSpeed state (and each rank's RNG when the ranks are the same ones)."""
-    import torch.distributed as dist
-
-    with checkpoint.as_directory() as d:
-        if saved_world == world:
-            path, _ = engine.load_checkpoint(d, tag=DS_TAG)
-            rng_file = Path(d) / f"rng_rank{rank}.pt"
-            if rng_file.exists():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # ZeRO partitions depend on the world size: convert (once per node), then load
-            universal = Path(tempfile.gettempdir()) / f"dadpo-universal-{hashlib.sha1(str(d).encode()).hexdigest()[:12]}"
-            if local_rank == 0:
-                shutil.rmtree(universal, ignore_errors=True)
-                to_universal(str(Path(d) / DS_TAG), str(universal / DS_TAG))
-            dist.barrier()
-            path, _ = engine.load_checkpoint(str(universal), tag=DS_TAG)
-            dist.barrier()
-            if local_rank == 0:
-                shutil.rmtree(universal, ignore_errors=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint under {d}/{DS_TAG}")
-
-
-def trim_metrics(run_dir: str, step: int) -> None:
-    """On resume, drop log lines of steps after the checkpoint: the log then describes the weights we keep."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+def planned_steps(pos: Position, num_rows: int, batch: int, train) -> int:
+    """Total optimizer steps of the run, counted from the position (the batch changes with the world size)."""
+    left = steps_left_in_epoch(num_rows, pos.consumed, batch) + (train.epochs - pos.epoch - 1) * (num_rows // batch)
+    return pos.step + (min(left, train.max_steps - pos.step) if train.max_steps else left)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -222,7 +189,6 @@ def train_loop_per_worker(config: dict) -> None:
     import deepspeed
 
     from dadpo_ray.deepspeed_config import deepspeed_config, global_batch
-    from dadpo_ray.export import gathered_state_dict, model_card, write_model_dir
     from dadpo_ray.models import load_model, load_tokenizer
     from dadpo_ray.records import read_rows
 
@@ -230,95 +196,63 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     weights = loss_weights(train.loss)
 
-    # --- setup: rows, model, position, engine
-    table = read_rows(config["data_dir"], config["files"], columns=TRAIN_COLUMNS)
-    all_rows = table.to_pylist()
-    rows = [all_rows[i] for i in config["row_indices"]]
-    del all_rows, table
+    # --- setup: rows, model, data position, engine, restored state
+    rows = read_rows(config["data_dir"], config["files"], columns=TRAIN_COLUMNS).take(config["row_indices"]).to_pylist()
     tokenizer = load_tokenizer(cfg.models.student)
     torch.manual_seed(train.seed)
     model = load_model(cfg.models.student, dtype="float32").train()  # fp32 master weights
     policy = PolicyLogps(model, train.chunk_size, weights.temperature)
 
     checkpoint = ray.train.get_checkpoint()
-    restored = read_position(checkpoint)
-    pos, saved_world = restored if restored else (Position(), world)
-    G = global_batch(train, world)
-    per_epoch = len(rows) // G
-    left = steps_left_in_epoch(len(rows), pos.consumed, G) + (train.epochs - pos.epoch - 1) * per_epoch
-    total = pos.step + (min(left, train.max_steps - pos.step) if train.max_steps else left)
-
+    pos, saved_world = read_position(checkpoint) or (Position(), world)
+    batch = global_batch(train, world)
+    total = planned_steps(pos, len(rows), batch, train)
     ds_config = deepspeed_config(train, world, total, load_universal=saved_world != world)
     engine, _, _, _ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(), config=ds_config,
                                            dist_init_required=False)  # reuses Ray Train's process group
     if checkpoint is not None:
         load_checkpoint(engine, checkpoint, rank, ctx.get_local_rank(), world, saved_world)
-    run_dir = config["run_dir"]
     if rank == 0:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        trim_metrics(run_dir, pos.step)
-        print(f"[dadpo-ray train] {len(rows)} rows, global batch {G} pairs = {train.micro_batch_size} micro x "
-              f"{train.grad_accum} accum x {world} workers, {total} steps, resuming at {pos.as_dict()}", flush=True)
+        print(f"[dadpo-ray train] {len(rows)} rows, global batch {batch} pairs = {train.micro_batch_size} micro x "
+              f"{train.grad_accum} accum x {world} workers, {total} steps, from {pos.as_dict()}", flush=True)
 
     # --- train
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, initial=pos.step, desc="train", disable=rank != 0, dynamic_ncols=True)
-    log = open(Path(run_dir) / METRICS_FILE, "a") if rank == 0 else None
-    board = None
-    if train.tensorboard and rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        board = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-    last_saved = resumed_from = pos.step  # resumed_from > 0 in the log shows where a run was resumed
+    log = MetricsLog(config["run_dir"], rank, pos.step, total, train.tensorboard)
+    resumed_from = last_saved = pos.step  # resumed_from > 0 in the log shows where a run was resumed
+    metrics = {}
     while pos.epoch < train.epochs and pos.step < total:
         order = epoch_order(len(rows), train.seed, pos.epoch)
-        while steps_left_in_epoch(len(rows), pos.consumed, G) > 0 and pos.step < total:
-            started = time.perf_counter()
-            parts = []
-            for ids in rank_micro_batches(order, pos.consumed, train.micro_batch_size, train.grad_accum, rank, world):
-                loss, part = micro_batch_loss(engine, weights, [rows[i] for i in ids], tokenizer.pad_token_id)
-                engine.backward(loss)
-                engine.step()  # DeepSpeed updates only at the accumulation boundary
-                parts.append(part)
-            metrics = mean_over_ranks(parts, engine.device)
-            elapsed = time.perf_counter() - started
-            metrics.update(
-                step=pos.step + 1, epoch=pos.epoch, epoch_start=pos.consumed, epoch_end=pos.consumed + G,
-                samples_seen=pos.samples_seen + G, lr=engine.get_lr()[0],
-                grad_norm=grad_norm(engine),
-                tokens_per_s=metrics.pop("tokens") / elapsed, step_time_s=elapsed, world_size=world,
-                resumed_from=resumed_from, peak_mem_mb_rank0=peak_memory_mb())
-            pos = Position(pos.epoch, pos.consumed + G, pos.step + 1, pos.samples_seen + G)
-            metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-            if log:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            if board:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        board.add_scalar(key, value, metrics["step"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=metrics["reward_acc"])
+        while steps_left_in_epoch(len(rows), pos.consumed, batch) > 0 and pos.step < total:
+            micro_batches = rank_micro_batches(order, pos.consumed, train.micro_batch_size, train.grad_accum,
+                                               rank, world)
+            metrics = train_step(engine, weights, rows, micro_batches, tokenizer.pad_token_id)
+            metrics.update(step=pos.step + 1, epoch=pos.epoch, epoch_start=pos.consumed,
+                           epoch_end=pos.consumed + batch, samples_seen=pos.samples_seen + batch,
+                           world_size=world, resumed_from=resumed_from)
+            metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+            pos = Position(pos.epoch, pos.consumed + batch, pos.step + 1, pos.samples_seen + batch)
+            log.write(metrics)
             if pos.step % train.checkpoint_every == 0:
                 save_checkpoint(engine, pos, rank, world, metrics)
-                last_saved = resumed_from = pos.step  # resumed_from > 0 in the log shows where a run was resumed
+                last_saved = pos.step
             else:
                 ray.train.report(metrics)
-        if steps_left_in_epoch(len(rows), pos.consumed, G) == 0:
+        if steps_left_in_epoch(len(rows), pos.consumed, batch) == 0:
             pos = Position(pos.epoch + 1, 0, pos.step, pos.samples_seen)
     if pos.step != last_saved:  # a rerun of a finished run must find the end, not redo the last steps
         save_checkpoint(engine, pos, rank, world, metrics)
-    bar.close()
-    if log:
-        log.close()
-    if board:
-        board.close()
+    log.close()
 
     # --- export
-    state = gathered_state_dict(engine.module.model, train.zero_stage, rank)
+    export_model(engine, cfg, config, weights, tokenizer, rank)
+
+
+def export_model(engine, cfg: RecipeConfig, config: dict, weights: LossWeights, tokenizer, rank: int) -> None:
+    from dadpo_ray.export import gathered_state_dict, model_card, write_model_dir
+
+    state = gathered_state_dict(engine.module.model, cfg.train.zero_stage, rank)  # a collective under ZeRO-3
     if rank == 0:
         card = model_card(cfg.models.teacher.path, cfg.models.student.path, config["manifest"],
-                          dataclasses.asdict(weights), train.model_dump(mode="json"), cfg.name)
+                          dataclasses.asdict(weights), cfg.train.model_dump(mode="json"), cfg.name)
         write_model_dir(engine.module.model, state, tokenizer, card, config["model_dir"])
         print(f"[dadpo-ray train] exported {config['model_dir']}", flush=True)

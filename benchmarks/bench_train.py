@@ -2,12 +2,19 @@
 
     .venv/bin/python benchmarks/bench_train.py                      # SmolLM2-135M, 2 workers, ZeRO-2, fp32
     .venv/bin/python benchmarks/bench_train.py --student tiny-student --steps 8   # a quick check
+    .venv/bin/python benchmarks/bench_train.py --loss-path-only      # the presets' step cost, interleaved
 
 Each preset runs `dadpo_ray.train.train` (Ray Train + DeepSpeed, the chunked log-prob path) for a few steps on a
 synthetic dataset in the data contract: random token ids of fixed lengths with made-up log-probs and a top-k of
 20 (speed does not depend on the token values). Reports the median step time and training tokens/s over the
 steps after the first, and rank 0's peak memory (RSS on CPU). Targets (issue 4): dadpo within 1.05x of ddpo's
 step time, dadpo_tok within 1.15x.
+
+On a shared machine the wall time of whole runs, one preset after another, mostly measures the neighbours'
+load. `--loss-path-only` measures what differs between presets, without Ray or DeepSpeed: forward + backward of
+one micro batch through the worker's own `PolicyLogps` and `micro_batch_loss`, presets interleaved round by
+round, as process CPU time (all threads); the optimizer step and gradient all-reduce are the same for every
+preset.
 """
 
 from __future__ import annotations
@@ -62,6 +69,46 @@ def synthetic_dataset(out_dir: str, student: str, rows: int, prompt_len: int, re
         **vocab_fingerprint(tokenizer).as_dict()))
 
 
+def loss_path_only(student: str, rounds: int, micro: int, prompt_len: int, response_len: int, presets) -> None:
+    import time
+
+    import torch
+
+    from dadpo_ray.config import LossConfig
+    from dadpo_ray.models import load_model
+    from dadpo_ray.records import read_rows
+    from dadpo_ray.train_worker import PolicyLogps, loss_weights, micro_batch_loss
+
+    work = Path(tempfile.mkdtemp(prefix="bench-loss-path-"))
+    synthetic_dataset(str(work / "data"), student, micro, prompt_len, response_len)
+    rows = read_rows(str(work / "data")).to_pylist()
+    pad = load_tokenizer(ModelSpec(path=student)).pad_token_id
+    model = load_model(ModelSpec(path=student), dtype="float32").train()
+    engines = {}
+    for preset in presets:
+        weights = loss_weights(LossConfig(preset=preset))
+        policy = PolicyLogps(model, chunk_size=256, temperature=weights.temperature)
+        policy.device = torch.device("cpu")  # micro_batch_loss moves the batch to engine.device
+        engines[preset] = (policy, weights)
+    cpu = {p: [] for p in presets}
+    for _ in range(rounds):
+        for preset, (policy, weights) in engines.items():
+            start = time.process_time()
+            loss, _ = micro_batch_loss(policy, weights, rows, pad)
+            loss.backward()
+            cpu[preset].append(time.process_time() - start)
+            model.zero_grad(set_to_none=True)
+    base = statistics.median(cpu[presets[0]])
+    print(f"student {student}, {micro} pair(s) per micro batch, prompt {prompt_len} + response {response_len} "
+          f"tokens, {rounds} interleaved rounds, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"| preset | forward+backward CPU s (median) | min | vs {presets[0]} (median) |")
+    print("| --- | --- | --- | --- |")
+    for preset, times in cpu.items():
+        print(f"| {preset} | {statistics.median(times):.3f} | {min(times):.3f} | "
+              f"{statistics.median(times) / base:.3f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--student", default="smollm2")
@@ -72,7 +119,13 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=128)
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--presets", default="ddpo,dadpo,dadpo_tok")
+    parser.add_argument("--loss-path-only", action="store_true")
+    parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    if args.loss_path_only:
+        loss_path_only(args.student, args.rounds, args.micro, args.prompt_len, args.response_len,
+                       args.presets.split(","))
+        return
 
     import ray
 

@@ -40,7 +40,8 @@ def _has_nonfinite(row: dict) -> bool:
 
 
 def select_rows(data_dir: str, manifest: Manifest, train) -> tuple[list[int], dict]:
-    """Indices (into the manifest's shards, in order) of the train rows to train on, and counts of the rest.
+    """Indices (into the manifest's shards, in order) of the train rows to train on, and counts: the rows set
+    aside, and `pair_tokens`, the kept pairs' tokens (prompt + chosen + prompt + rejected).
 
     Refused (DadpoError naming the row ids): rows that break the contract (e.g. top-k length != response
     length), and rows with NaN/inf log-probs unless train.skip_bad_rows. Skipped and counted: rows too long
@@ -48,7 +49,7 @@ def select_rows(data_dir: str, manifest: Manifest, train) -> tuple[list[int], di
     """
     rows = read_rows(data_dir, manifest.files, columns=_CHECK_COLUMNS).to_pylist()
     keep, refused = [], []
-    counts = {"eval_rows": 0, "bad_rows_skipped": 0, "too_long_skipped": 0}
+    counts = {"eval_rows": 0, "bad_rows_skipped": 0, "too_long_skipped": 0, "pair_tokens": 0}
     for index, row in enumerate(rows):
         if row["split"] != "train":
             counts["eval_rows"] += 1
@@ -65,6 +66,7 @@ def select_rows(data_dir: str, manifest: Manifest, train) -> tuple[list[int], di
             counts["too_long_skipped"] += 1
         else:
             keep.append(index)
+            counts["pair_tokens"] += 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
     if refused:
         hint = " (train.skip_bad_rows=true skips rows with NaN/inf log-probs)" if not train.skip_bad_rows else ""
         raise DadpoError(f"{data_dir}: {len(refused)} bad row(s){hint}: " + ", ".join(refused[:5])
@@ -90,7 +92,7 @@ def train(cfg: RecipeConfig, data_dir: str, out_dir: str) -> dict:
     manifest = open_dataset(data_dir, fingerprint.size, fingerprint.sha256)
     keep, counts = select_rows(data_dir, manifest, t)
     for reason, n in counts.items():
-        if n and reason != "eval_rows":
+        if n and reason in ("bad_rows_skipped", "too_long_skipped"):
             print(f"[dadpo-ray train] {reason.replace('_', ' ')}: {n} row(s) of {data_dir}", flush=True)
     batch = global_batch(t, t.num_workers)
     if len(keep) < batch:
@@ -103,8 +105,10 @@ def train(cfg: RecipeConfig, data_dir: str, out_dir: str) -> dict:
     out = Path(out_dir).resolve()
     run_dir = out / "train" / cfg.name
     save_config(cfg, run_dir / "config.yaml")
-    print(f"[dadpo-ray train] {len(keep)} pairs, global batch {batch}, preset {t.loss.preset} "
-          f"({weights}), ZeRO-{t.zero_stage} {t.precision}, run dir {run_dir}", flush=True)
+    tokens_per_step = counts["pair_tokens"] / len(keep) * batch
+    print(f"[dadpo-ray train] {len(keep)} pairs, global batch {batch} pairs = {t.micro_batch_size} micro x "
+          f"{t.grad_accum} accumulation x {t.num_workers} workers (~{tokens_per_step:.0f} tokens per step), "
+          f"preset {t.loss.preset} ({weights}), ZeRO-{t.zero_stage} {t.precision}, run dir {run_dir}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -253,7 +253,8 @@ class RayConfig(_Strict):
 class RecipeConfig(_Strict):
     name: str = Field("dadpo", description="Run name: names the run dir and the Ray Train run.")
     run_dir: str = Field(
-        "runs/dadpo", description="Where every stage writes (data/, train/, model/, eval/); local path or URI."
+        "runs/dadpo", description="Where every stage writes (data/, train/, model/, eval/): a local path, or on a "
+        "cluster a shared filesystem mounted on every node (only `generate --out` also takes an s3:// URI)."
     )
     models: ModelsConfig
     prompts: PromptsConfig

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dadpo_ray.config import ModelSpec, RecipeConfig, save_config
+from dadpo_ray.errors import DadpoError
 from dadpo_ray.records import MANIFEST_NAME, read_manifest, read_text
 
 
@@ -87,6 +88,9 @@ def run_recipe(cfg: RecipeConfig, compare_ddpo: bool = False) -> dict:
     from dadpo_ray.report import write_report
     from dadpo_ray.train import train
 
+    if "://" in cfg.run_dir:
+        raise DadpoError(f"run_dir {cfg.run_dir}: the recipe writes its run dir with file I/O from every Ray node; "
+                         "use a local or shared-filesystem path (only `dadpo-ray generate --out` takes a URI)")
     run_dir = Path(cfg.run_dir).resolve()
     save_config(cfg, run_dir / "config.yaml")
     clock = StageClock()

@@ -162,6 +162,13 @@ def in_thread(fn):
     return thread, outcome
 
 
+def test_dsft_preset_trains_on_the_teacher_answers_only(data_dir, tmp_path):
+    result = train(config("dsft", "train.loss.preset=dsft", "train.num_workers=1", "train.max_steps=2"),
+                   data_dir, str(tmp_path))
+    lines = metric_lines(result)
+    assert len(lines) == 2 and lines[-1]["sft"] > 0 and lines[-1]["pref"] is None  # no rejected side
+
+
 def test_worker_killed_mid_run_resumes_to_the_same_weights(reference_run, data_dir, tmp_path):
     run, outcome = in_thread(lambda: train(config("killed"), data_dir, str(tmp_path)))
     killed_at = kill_a_worker_when(tmp_path / "train" / "killed" / "metrics.jsonl", min_step=5)

@@ -2,8 +2,9 @@
 
 Each file is checked by the owner of its format (Ray's autoscaler schema, the KubeRay v1.7 CRD schemas, the
 Kubernetes schemas bundled in kubernetes-validate, Ray's RuntimeEnv parser) and then against our own policies:
-the dashboard is never exposed, secrets are never inline, scheduled runs never overlap, and a RayJob's cluster is
-deleted when it ends. Every check is also shown to reject a broken copy. No network, no cloud credentials.
+the dashboard is never exposed, secrets are never inline, scheduled runs never overlap, a RayJob's cluster is
+deleted when it ends, and run dirs live on the shared volume every Ray pod mounts (never a URI: the recipe writes
+them with plain file I/O). Every check is also shown to reject a broken copy. No network, no cloud credentials.
 """
 
 import copy
@@ -27,6 +28,9 @@ SECRET_NAME = re.compile(r"(^|_)(TOKEN|KEY|SECRET|PASSWORD|CREDENTIALS?)(_|$)", 
 # Shapes of real credentials: Hugging Face, OpenAI-style, AWS access key, GitHub, PEM private keys.
 LITERAL_SECRET = re.compile(r"hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|AKIA[0-9A-Z]{16}|ghp_[A-Za-z0-9]{36}"
                             r"|-----BEGIN [A-Z ]*PRIVATE KEY-----")
+SHARED_MOUNT = "/mnt/dadpo"  # where every Ray pod mounts the shared run directory
+RUNS_CLAIM = "dadpo-ray-runs"  # its ReadWriteMany PersistentVolumeClaim, cluster/kuberay/pvc.yaml
+URI_RUN_DIR = re.compile(r"run_dir[=:]\s*[\"']?[A-Za-z][\w+.-]*://")  # run_dir=s3://..., run_dir: gs://...
 ENTRYPOINT = re.compile(r"python jobs/(pipeline|generate|train|evaluate)\.py --config jobs/configs/[\w.-]+\.yaml"
                         r"( --schedule)?( [\w.]+=[\w./:@-]+)*")
 
@@ -73,7 +77,8 @@ def walk(node):
 
 # ------------------------------------------------------------------------------------------- our own policies
 def launcher_problems(config):
-    """Dashboard on loopback only, no inbound rule for it, a head that takes no work, workers that scale to 0."""
+    """Dashboard on loopback only, no inbound rule for it, a head that takes no work, workers that scale to 0,
+    and the shared run directory mounted on every node's host and passed into the container."""
     problems = []
     start = " ".join(config.get("head_start_ray_commands", []))
     hosts = re.findall(r"--dashboard-host[= ](\S+)", start)
@@ -89,6 +94,10 @@ def launcher_problems(config):
             problems.append(f"{name}: min_workers must be 0")
     if "idle_timeout_minutes" not in config:
         problems.append("idle_timeout_minutes is not set")
+    if f"-v {SHARED_MOUNT}:{SHARED_MOUNT}" not in config.get("docker", {}).get("run_options", []):
+        problems.append(f"docker run_options must bind the shared run directory: -v {SHARED_MOUNT}:{SHARED_MOUNT}")
+    if not re.search(rf"\bmount\b.* {SHARED_MOUNT}\b", " ".join(config.get("initialization_commands", []))):
+        problems.append(f"initialization_commands must mount the shared filesystem at {SHARED_MOUNT}")
     return problems
 
 
@@ -121,6 +130,39 @@ def rayjob_problems(spec):
     if not ENTRYPOINT.fullmatch(spec.get("entrypoint", "")):
         problems.append(f"entrypoint is not a dadpo-ray job command: {spec.get('entrypoint')!r}")
     return problems
+
+
+def run_dir_problems(spec):
+    """The entrypoint writes its run dir on the shared volume: `run_dir=/mnt/dadpo/...`, never a URI (the recipe
+    writes run dirs with plain file I/O on several nodes) nor a pod-local path."""
+    run_dirs = re.findall(r"(?:^|\s)run_dir=(\S*)", spec.get("entrypoint", ""))
+    if not run_dirs:
+        return [f"entrypoint sets no run_dir (must be under {SHARED_MOUNT}/)"]
+    return [f"run_dir {d!r} is not on the shared volume: must be a path under {SHARED_MOUNT}/, never a URI"
+            for d in run_dirs if "://" in d or not d.startswith(SHARED_MOUNT + "/") or ".." in d.split("/")]
+
+
+def shared_volume_problems(cluster):
+    """The head and every worker group's pod mounts the shared run directory (the PVC) at /mnt/dadpo."""
+    problems = []
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"] for v in pod.get("volumes", [])
+                   if v.get("persistentVolumeClaim", {}).get("claimName") == RUNS_CLAIM}
+        if not volumes:
+            problems.append(f"{name}: no volume from the PersistentVolumeClaim {RUNS_CLAIM}")
+        for container in pod["containers"]:
+            mounts = [m for m in container.get("volumeMounts", []) if m.get("mountPath") == SHARED_MOUNT]
+            if not any(m["name"] in volumes and not m.get("readOnly") and not m.get("subPath") for m in mounts):
+                problems.append(f"{name}/{container['name']}: {RUNS_CLAIM} is not mounted read-write at {SHARED_MOUNT}")
+    return problems
+
+
+def pvc_problems(obj):
+    """The shared run directory is one volume that pods on many nodes read and write at once."""
+    return [] if "ReadWriteMany" in obj["spec"].get("accessModes", []) else [
+        f"{obj['metadata']['name']}: accessModes must include ReadWriteMany"]
 
 
 def cronjob_problems(obj):
@@ -200,22 +242,27 @@ def test_launcher_yaml_broken_copy_rejected_by_ray(path, breakage):
         ray_check(config)
 
 
-@pytest.mark.parametrize("breakage", ["dashboard on all interfaces", "dashboard port opened", "work on the head"])
+@pytest.mark.parametrize("breakage", ["dashboard on all interfaces", "dashboard port opened", "work on the head",
+                                      "shared dir not in the container", "shared dir not mounted"])
 def test_launcher_policy_rejects_broken_copy(breakage):
     config = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     if breakage == "dashboard on all interfaces":
         config["head_start_ray_commands"][-1] += " --dashboard-host=0.0.0.0"
     elif breakage == "dashboard port opened":
         config["provider"]["security_group"] = {"IpPermissions": [{"FromPort": 8265, "ToPort": 8265}]}
-    else:
+    elif breakage == "work on the head":
         config["available_node_types"]["head"]["resources"] = {"CPU": 8}
+    elif breakage == "shared dir not in the container":
+        config["docker"]["run_options"] = [o for o in config["docker"]["run_options"] if SHARED_MOUNT not in o]
+    else:
+        del config["initialization_commands"]
     assert launcher_problems(config)
 
 
 # ----------------------------------------------------------------------------------------- KubeRay objects
 def test_kuberay_files_exist():
     names = {p.name for p in KUBERAY_FILES}
-    assert names == {"raycluster.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob.yaml"}
+    assert names == {"raycluster.yaml", "rayjob.yaml", "raycronjob.yaml", "cronjob.yaml", "pvc.yaml"}
 
 
 @pytest.mark.parametrize("label", [label for label, _ in kuberay_objects()])
@@ -225,8 +272,10 @@ def test_kuberay_object_passes_crd_schema_and_policy(label):
     assert crd_errors(obj, strict=False) == []
     assert exposure_problems(obj) == [] and secret_problems(obj) == []
     assert cluster_spec(obj)["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert shared_volume_problems(cluster_spec(obj)) == []
     if job_spec(obj) is not None:
         assert rayjob_problems(job_spec(obj)) == []
+        assert run_dir_problems(job_spec(obj)) == []
         env = yaml.safe_load(job_spec(obj)["runtimeEnvYAML"])
         RuntimeEnv(**env)  # Ray's own parser, as `ray job submit` runs it
         assert runtime_env_problems(env) == []
@@ -256,6 +305,70 @@ def test_kuberay_broken_copies_rejected(label):
         shell_mode = copy.deepcopy(obj)
         job_spec(shell_mode)["submissionMode"] = "K8sJobMode"
         assert rayjob_problems(job_spec(shell_mode))
+        for run_dir in ("s3://BUCKET/dadpo-ray/SETTING", "gs://BUCKET/x", "file:///mnt/dadpo/x", "/tmp/SETTING",
+                        "runs/SETTING", "/mnt/dadpo-other/x", "/mnt/dadpo/../x"):
+            elsewhere = copy.deepcopy(obj)
+            spec = job_spec(elsewhere)
+            spec["entrypoint"] = re.sub(r"run_dir=\S*", f"run_dir={run_dir}", spec["entrypoint"])
+            assert run_dir_problems(spec), run_dir
+        no_run_dir = copy.deepcopy(obj)
+        job_spec(no_run_dir)["entrypoint"] = re.sub(r" run_dir=\S*", "", job_spec(no_run_dir)["entrypoint"])
+        assert run_dir_problems(job_spec(no_run_dir))
+
+
+@pytest.mark.parametrize("label", [label for label, _ in kuberay_objects()])
+@pytest.mark.parametrize("group", ["head", "cpu", "gpu-train"])
+@pytest.mark.parametrize("breakage", ["mount dropped", "volume dropped", "other claim", "read-only", "other path"])
+def test_kuberay_shared_volume_missing_rejected(label, group, breakage):
+    """Every pod template must mount the shared run directory; dropping it from any one group is caught."""
+    obj = copy.deepcopy(dict(kuberay_objects())[label])
+    cluster = cluster_spec(obj)
+    pod = (cluster["headGroupSpec"] if group == "head" else
+           next(g for g in cluster["workerGroupSpecs"] if g["groupName"] == group))["template"]["spec"]
+    # The YAML anchors make the groups share one list: give this group its own copies first.
+    pod["volumes"] = copy.deepcopy(pod["volumes"])
+    container = pod["containers"][0]
+    container["volumeMounts"] = copy.deepcopy(container["volumeMounts"])
+    runs_mount = next(m for m in container["volumeMounts"] if m["mountPath"] == SHARED_MOUNT)
+    runs_volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    if breakage == "mount dropped":
+        container["volumeMounts"].remove(runs_mount)
+    elif breakage == "volume dropped":
+        pod["volumes"].remove(runs_volume)
+    elif breakage == "other claim":
+        runs_volume["persistentVolumeClaim"]["claimName"] = "someone-elses-claim"
+    elif breakage == "read-only":
+        runs_mount["readOnly"] = True
+    else:
+        runs_mount["mountPath"] = "/mnt/shared"
+    problems = shared_volume_problems(cluster)
+    assert problems and all(p.startswith(group) for p in problems), problems
+
+
+def test_shared_run_dir_claim_is_read_write_many():
+    """pvc.yaml holds the one claim every pod template mounts, and pods on many nodes can write it at once."""
+    claims = [obj for _, obj in k8s_objects() if obj["kind"] == "PersistentVolumeClaim"]
+    assert [c["metadata"]["name"] for c in claims] == [RUNS_CLAIM]
+    assert pvc_problems(claims[0]) == []
+    once = copy.deepcopy(claims[0])
+    once["spec"]["accessModes"] = ["ReadWriteOnce"]
+    assert pvc_problems(once)
+    # Not in the files whose objects are deleted with a run: `kubectl delete -f rayjob.yaml` must keep the runs.
+    for path in KUBERAY_FILES:
+        kinds = {doc["kind"] for doc in load_all(path)}
+        assert path.name == "pvc.yaml" or "PersistentVolumeClaim" not in kinds, path.name
+
+
+DEPLOY_TEXTS = (LAUNCHER_FILES + KUBERAY_FILES + [REPO / "jobs" / "runtime_env.yaml"]
+                + sorted((REPO / "jobs" / "configs").glob("*.yaml")))
+
+
+@pytest.mark.parametrize("path", DEPLOY_TEXTS, ids=lambda p: p.name)
+def test_no_uri_run_dir_in_commands_or_comments(path):
+    """Commands shown in comments are copied by hand: none may pass a URI run_dir, which the recipe cannot write."""
+    assert not URI_RUN_DIR.search(path.read_text()), URI_RUN_DIR.search(path.read_text())[0]
+    assert URI_RUN_DIR.search("-- python jobs/pipeline.py run_dir=s3://BUCKET/x")  # the pattern does catch one
+    assert URI_RUN_DIR.search("run_dir: gs://BUCKET/x")
 
 
 def test_kuberay_copies_agree():

@@ -86,7 +86,7 @@ def load_checkpoint(engine, checkpoint, rank: int, local_rank: int, world: int, 
             if rng_file.exists():
                 set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # ZeRO partitions depend on the world size: convert (once per node), then load
-            digest = hashlib.sha1(str(d).encode()).hexdigest()[:12]  # the same path on every rank of a node
+            digest = hashlib.sha1(checkpoint.path.encode()).hexdigest()[:12]  # the same on every rank of a node
             universal = Path(tempfile.gettempdir()) / f"dadpo-universal-{digest}"
             if local_rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)

@@ -25,7 +25,6 @@ from dadpo_ray.sampler import Position, epoch_order, rank_micro_batches, steps_l
 from dadpo_ray.train_state import METRICS_FILE, load_checkpoint, read_position, save_checkpoint, trim_metrics
 
 
-
 def loss_weights(loss: LossConfig) -> LossWeights:
     """The preset's weights with every non-None override from `train.loss` applied."""
     overrides = {k: v for k, v in loss.model_dump().items() if k != "preset" and v is not None}

@@ -175,8 +175,9 @@ def _kill_actor_running(udf_name):
 
 def test_killed_actor_is_restarted_without_losing_rows(ray_cluster, tmp_path):
 
-    cfg = tiny_cfg(tmp_path, "prompts.limit=96", "generate.rows_per_shard=8", "generate.batch_size=8",
-                   "generate.max_new_tokens=24")
+    # Long enough that the teacher pool is still busy when the first shard lands.
+    cfg = tiny_cfg(tmp_path, "prompts.limit=160", "generate.rows_per_shard=8", "generate.batch_size=8",
+                   "generate.max_new_tokens=48")
     out = tmp_path / "data"
     result = {}
     worker = threading.Thread(target=lambda: result.update(manifest=generate(cfg, str(out))))
@@ -186,9 +187,9 @@ def test_killed_actor_is_restarted_without_losing_rows(ray_cluster, tmp_path):
     while killed is None and time.time() < deadline and worker.is_alive():
         if list(out.glob("part-*.parquet")):  # mid-run: some rows written, more in flight
             killed = _kill_actor_running("TeacherScorer")
-        time.sleep(0.1)
+        time.sleep(0.05)
     worker.join(timeout=600)
     assert killed is not None, "no TeacherScorer actor was found alive mid-run"
     manifest = result["manifest"]
     ids = [r["id"] for r in all_rows(out)]
-    assert len(ids) == len(set(ids)) == 96 - manifest.rejected_rows
+    assert len(ids) == len(set(ids)) == 160 - manifest.rejected_rows

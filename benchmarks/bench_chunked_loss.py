@@ -1,6 +1,9 @@
 """Peak memory and time of the chunked LM-head log-prob path vs the naive one (all [N, V] logits at once).
 
-    .venv/bin/python benchmarks/bench_chunked_loss.py [--chunk 128]   # vocab 49152 and 151936, seq 1024, hidden 576
+    .venv/bin/python -m benchmarks.bench_chunked_loss [--chunk 128] [--fallback]   # vocab 49152 and 151936, seq 1024
+
+"chunked" is `token_logps_chunked` with an nn.Linear head: the fused autograd Function. --fallback measures its
+fused=False path instead (each chunk under torch.utils.checkpoint, calling the head module: what ZeRO-3 uses).
 
 Each measurement runs in a fresh process: forward + backward of per-token target log-probs and the teacher's
 top-k log-probs (k = 20) from hidden states [seq, hidden] through an LM head [vocab, hidden], fp32 on CPU.
@@ -16,6 +19,7 @@ Targets (issue 4): chunked >= 4x lower peak, <= 1.15x the naive time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -48,7 +52,8 @@ def one(method: str, vocab: int, seq: int, hidden: int, chunk: int) -> dict:
     h = torch.randn(seq, hidden, requires_grad=True)
     targets = torch.randint(vocab, (seq,))
     topk = torch.randint(vocab, (seq, K))
-    fn = token_logps_chunked if method == "chunked" else token_logps_naive
+    fn = {"naive": token_logps_naive, "chunked": token_logps_chunked,
+          "checkpointed": functools.partial(token_logps_chunked, fused=False)}[method]
     head.weight.grad, h.grad = torch.zeros_like(head.weight), torch.zeros_like(h)  # backward accumulates here
 
     def step():
@@ -76,25 +81,26 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "VOCAB"))
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--hidden", type=int, default=576)  # SmolLM2-135M
-    parser.add_argument("--chunk", type=int, default=128)  # at most seq/chunk times fewer logits; default 256
+    parser.add_argument("--chunk", type=int, default=128)  # at most seq/chunk times fewer logits
+    parser.add_argument("--fallback", action="store_true", help="measure fused=False (the ZeRO-3 path)")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(one(args.one[0], int(args.one[1]), args.seq, args.hidden, args.chunk)))
         return
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, seq {args.seq}, hidden {args.hidden}, "
-          f"chunk {args.chunk}, k {K}")
+          f"chunk {args.chunk}, k {K}, chunked path: {'checkpointed (fused=False)' if args.fallback else 'fused'}")
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print("| vocab | naive peak MB | chunked peak MB | peak ratio | naive CPU s | chunked CPU s | CPU time ratio "
           "| naive wall s | chunked wall s | wall ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for vocab in (49152, 151936):
         r = {}
-        for method in ("naive", "chunked"):
+        for method in ("naive", "checkpointed" if args.fallback else "chunked"):
             cmd = [sys.executable, __file__, "--one", method, str(vocab), "--seq", str(args.seq),
                    "--hidden", str(args.hidden), "--chunk", str(args.chunk)]
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks go back to the OS
             r[method] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
-        n, c = r["naive"], r["chunked"]
+        n, c = r["naive"], r["checkpointed" if args.fallback else "chunked"]
         print(f"| {vocab} | {n['peak_extra_mb']} | {c['peak_extra_mb']} | "
               f"{n['peak_extra_mb'] / c['peak_extra_mb']:.1f}x | {n['cpu_s']} | {c['cpu_s']} | "
               f"{c['cpu_s'] / n['cpu_s']:.2f}x | {n['wall_s']} | {c['wall_s']} | {c['wall_s'] / n['wall_s']:.2f}x |",

@@ -160,20 +160,122 @@ def token_logps_naive(hidden, head, target_ids, topk_ids=None, chunk_size=None, 
     return _head_logps(hidden, head, target_ids, topk_ids, temperature)
 
 
-def token_logps_chunked(hidden, head, target_ids, topk_ids=None, chunk_size=512, temperature=1.0):
+def _chunk_logits(h, weight, bias):
+    """[n,H] -> [n,V] logits in at least fp32: the matmul in the inputs' dtype, then the upcast."""
+    return _fp32(F.linear(h, weight, bias))
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """(target_logps [N], topk_logps [N,K] or None) = log-probs of softmax(h W^T + b) (and of its /T), chunked.
+
+    Forward keeps only hidden, W, b, the ids and per-token logsumexps lse = logsumexp_v z, lse_T = logsumexp_v z/T.
+    Backward recomputes each chunk's logits z (one matmul) and, with the upstream g_t [n], g_k [n,K], forms
+        dL/dz = g_t (onehot(target) - softmax(z)) + (1/T) sum_k g_k (onehot(topk_k) - softmax(z/T))
+    in place in z's buffer, then grad_h[chunk] = dL/dz @ W and grad_W += dL/dz^T @ h_chunk (addmm_ into one
+    [V,H] buffer), grad_b += sum_rows dL/dz. So neither [N,V] logits nor per-chunk [V,H] temporaries exist.
+    Math in fp32 (fp64 stays fp64); dL/dz is cast to W's dtype for the two matmuls, and grad_W accumulates in
+    W's dtype (exact for fp32, bf16 rounding per chunk for bf16 weights, as Liger's default).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target_ids, topk_ids, chunk_size, temperature):
+        n_tok = hidden.shape[0]
+        out_dtype = torch.promote_types(weight.dtype, torch.float32)                     # as _chunk_logits
+        target_logps = torch.empty(n_tok, dtype=out_dtype, device=hidden.device)        # [N]
+        lse = torch.empty(n_tok, dtype=out_dtype, device=hidden.device)                 # [N]
+        topk_logps = lse_t = None
+        if topk_ids is not None:
+            topk_logps = torch.empty(topk_ids.shape, dtype=out_dtype, device=hidden.device)  # [N,K]
+            lse_t = lse if temperature == 1.0 else torch.empty_like(lse)                    # [N]
+        for i in range(0, n_tok, chunk_size):
+            s = slice(i, i + chunk_size)
+            z = _chunk_logits(hidden[s], weight, bias)                                      # [n,V]
+            torch.logsumexp(z, -1, out=lse[s])
+            target_logps[s] = z.gather(-1, target_ids[s, None]).squeeze(-1) - lse[s]
+            if topk_ids is not None:
+                if temperature != 1.0:
+                    z.div_(temperature)                                                     # z / T in place
+                    torch.logsumexp(z, -1, out=lse_t[s])
+                topk_logps[s] = z.gather(-1, topk_ids[s]) - lse_t[s, None]
+        # The parameters are kept on ctx, not in save_for_backward: they are held anyway, and saved-tensor hooks
+        # (activation offloading) must not copy a [V,H] weight per call. Their versions are checked in backward.
+        ctx.weight, ctx.bias = weight, bias
+        ctx.versions = (weight._version, None if bias is None else bias._version)
+        ctx.save_for_backward(hidden, target_ids, topk_ids, lse, lse_t)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)
+        return target_logps, topk_logps
+
+    @staticmethod
+    def backward(ctx, g_target, g_topk):
+        hidden, target_ids, topk_ids, lse, lse_t = ctx.saved_tensors
+        weight, bias, temperature = ctx.weight, ctx.bias, ctx.temperature
+        if ctx.versions != (weight._version, None if bias is None else bias._version):
+            raise RuntimeError("token_logps_chunked: the head's weight or bias was modified in place before backward")
+        if g_target is None and g_topk is None:
+            return None, None, None, None, None, None, None
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None                          # [N,H]
+        grad_w = torch.zeros_like(weight) if need_w else None                          # [V,H], the one buffer
+        grad_b = torch.zeros_like(bias) if need_b and bias is not None else None       # [V]
+        for i in range(0, hidden.shape[0], ctx.chunk_size):
+            s = slice(i, i + ctx.chunk_size)
+            h = hidden[s]                                                               # [n,H]
+            z = _chunk_logits(h, weight, bias)                                          # [n,V]
+            gt = None if g_target is None else g_target[s]                             # [n]
+            gk = None if g_topk is None else g_topk[s] / temperature                   # [n,K], the 1/T included
+            if gk is not None and temperature != 1.0:
+                p_t = (z / temperature).sub_(lse_t[s, None]).exp_()                     # softmax(z/T), [n,V]
+                p_t.mul_(-gk.sum(-1, keepdim=True))
+            coef = 0.0 if gt is None else gt                                            # weight of -softmax(z)
+            if gk is not None and temperature == 1.0:
+                coef = coef + gk.sum(-1)                                                # same softmax at T = 1
+            dz = z.sub_(lse[s, None]).exp_()                                            # softmax(z) in z's buffer
+            if isinstance(coef, float):
+                dz.zero_()
+            else:
+                dz.mul_(-coef[:, None])
+            if gk is not None and temperature != 1.0:
+                dz.add_(p_t)
+                del p_t
+            if gt is not None:
+                dz.scatter_add_(1, target_ids[s, None], gt[:, None].to(dz.dtype))
+            if gk is not None:
+                dz.scatter_add_(1, topk_ids[s], gk.to(dz.dtype))
+            dz = dz.to(weight.dtype)                                                    # [n,V], no-op in fp32
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[s])                                     # [n,H]
+            if need_w:
+                grad_w.addmm_(dz.t(), h)                                                # [V,H] += [V,n] @ [n,H]
+            if grad_b is not None:
+                grad_b.add_(dz.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def token_logps_chunked(hidden, head, target_ids, topk_ids=None, chunk_size=512, temperature=1.0, *, fused=True):
     """Per-token log-probs without ever holding [N,V] logits.
 
     hidden: [N,H] last hidden states at the N response positions (already selected).
-    head: callable [n,H] -> [n,V] logits, normally the LM head module (model.get_output_embeddings()).
+    head: the LM head: an nn.Linear (model.get_output_embeddings()), or any callable [n,H] -> [n,V] logits.
     target_ids: [N] long, the next tokens; topk_ids: [N,K] long teacher ids, or None.
-    Returns (target_logps [N] at T = 1, topk_logps [N,K] = log_softmax(z / T) at topk_ids, or None).
+    Returns (target_logps [N] at T = 1, topk_logps [N,K] = log_softmax(z / T) at topk_ids, or None), in at least
+    fp32; values and gradients equal `token_logps_naive`'s.
 
-    Each chunk of `chunk_size` tokens runs under torch.utils.checkpoint (use_reentrant=False): its
-    [chunk,V] fp32 logits are freed after the forward and recomputed in the backward, so peak memory is
-    about chunk_size * V * 4 bytes times a small factor, not N * V. We call the head *module* inside the
-    checkpointed function rather than taking its weight: under DeepSpeed ZeRO-3 the module's hooks gather
-    the partitioned weight, and they fire again during the recomputation.
+    fused=True and an nn.Linear head: `_FusedLinearLogps` uses head.weight / head.bias directly. It keeps only
+    per-token logsumexps from the forward and recomputes each chunk's logits once in the backward, accumulating
+    the weight gradient in place: peak memory is a few [chunk,V] fp32 buffers plus one [V,H] gradient.
+    Otherwise (fused=False, or a head that is not an nn.Linear) each chunk runs under torch.utils.checkpoint
+    (use_reentrant=False) and calls the head *module*: slower and more memory (a [V,H] gradient per chunk), but
+    module hooks fire in the forward and again in the recomputation. Under DeepSpeed ZeRO-3 the head's weight is
+    partitioned and only those hooks gather it, so ZeRO-3 training must pass fused=False (train_worker does:
+    fused = zero_stage < 3). A fused call on an empty (partitioned) weight raises instead of computing garbage.
     """
+    if fused and isinstance(head, torch.nn.Linear):
+        if head.weight.numel() == 0:
+            raise ValueError("token_logps_chunked: the head's weight is empty (partitioned, e.g. by ZeRO-3); "
+                             "pass fused=False so the head module's hooks gather it")
+        return _FusedLinearLogps.apply(hidden, head.weight, head.bias, target_ids, topk_ids, chunk_size,
+                                       temperature)
     target_out, topk_out = [], []
     for i in range(0, hidden.shape[0], chunk_size):
         ids = None if topk_ids is None else topk_ids[i:i + chunk_size]  # [n,K]

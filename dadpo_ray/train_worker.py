@@ -37,15 +37,18 @@ def loss_weights(loss: LossConfig) -> LossWeights:
 class PolicyLogps(torch.nn.Module):
     """The student as DeepSpeed sees it: forward returns per-token log-probs, never [tokens, vocab] logits.
 
-    The base model's hidden states are taken only at response positions, then the LM head *module* is applied
-    chunk by chunk (`token_logps_chunked`), so ZeRO-3's hooks gather the head's partitioned weight.
+    The base model's hidden states are taken only at response positions, then the LM head is applied chunk by
+    chunk (`token_logps_chunked`). fused=True uses the head's weight directly (the fused autograd Function: less
+    memory and time); under ZeRO-3 that weight is partitioned and only the head *module*'s hooks gather it, so
+    ZeRO-3 needs fused=False (the checkpointed path that calls the module): `fused = zero_stage < 3`.
     """
 
-    def __init__(self, model, chunk_size: int, temperature: float):
+    def __init__(self, model, chunk_size: int, temperature: float, fused: bool = True):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.temperature = temperature
+        self.fused = fused
 
     def forward(self, input_ids, attention_mask, target_ids, response_mask, topk_ids):
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -54,10 +57,11 @@ class PolicyLogps(torch.nn.Module):
         head = self.model.get_output_embeddings()
         n_chosen = topk_ids.shape[0]
         chosen, topk = token_logps_chunked(hidden[:n_chosen], head, targets[:n_chosen], topk_ids,
-                                           self.chunk_size, self.temperature)  # [Nc], [Nc, K]
+                                           self.chunk_size, self.temperature, fused=self.fused)  # [Nc], [Nc, K]
         if hidden.shape[0] == n_chosen:
             return chosen, topk
-        rejected, _ = token_logps_chunked(hidden[n_chosen:], head, targets[n_chosen:], None, self.chunk_size)
+        rejected, _ = token_logps_chunked(hidden[n_chosen:], head, targets[n_chosen:], None, self.chunk_size,
+                                          fused=self.fused)
         return torch.cat([chosen, rejected]), topk  # [N], [Nc, K]
 
 
@@ -200,7 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = load_tokenizer(cfg.models.student)
     torch.manual_seed(train.seed)
     model = load_model(cfg.models.student, dtype="float32").train()  # fp32 master weights
-    policy = PolicyLogps(model, train.chunk_size, weights.temperature)
+    policy = PolicyLogps(model, train.chunk_size, weights.temperature, fused=train.zero_stage < 3)
 
     checkpoint = ray.train.get_checkpoint()
     pos, saved_world = read_position(checkpoint) or (Position(), world)

@@ -331,6 +331,101 @@ def test_chunked_saves_no_vocab_sized_tensor_for_backward():
     assert all(40 not in s for s in saved_shapes(token_logps_chunked, chunk_size=5))
 
 
+def _grads_of_both(hidden, head, target, topk, params, seed=1, **kw):
+    """(values..., grads...) of sum(a * target_logps) + sum(b * topk_logps) for the naive and the chunked path."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(hidden.shape[0], generator=g, dtype=D)
+    b = None if topk is None else torch.randn(topk.shape, generator=g, dtype=D)
+    results = []
+    for fn in (token_logps_naive, token_logps_chunked):
+        tgt, tk = fn(hidden, head, target, topk, **kw)
+        loss = (a.to(tgt.dtype) * tgt).sum() + (0 if tk is None else (b.to(tk.dtype) * tk).sum())
+        results.append([tgt] + ([] if tk is None else [tk]) + list(torch.autograd.grad(loss, params)))
+    return results
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.0])
+@pytest.mark.parametrize("with_topk", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_matches_naive_values_and_grads(chunk_size, temperature, with_topk, bias):
+    """The fused Function (nn.Linear head) == naive, for hidden, weight and bias, with and without top-k."""
+    hidden, head, target, topk = _head_inputs()
+    if not bias:
+        head.bias = None
+    topk = topk if with_topk else None
+    out, _ = token_logps_chunked(hidden, head, target, topk, chunk_size=chunk_size, temperature=temperature)
+    assert type(out.grad_fn).__name__ == "_FusedLinearLogpsBackward"  # the fused path, not the fallback
+    params = [hidden, head.weight] + ([head.bias] if bias else [])
+    naive, fused = _grads_of_both(hidden, head, target, topk, params, chunk_size=chunk_size,
+                                  temperature=temperature)
+    for x, y in zip(naive, fused, strict=True):
+        torch.testing.assert_close(y, x)
+
+
+def test_fused_and_checkpointed_paths_agree():
+    """fused=False (the ZeRO-3 path: the head module is called) gives the same values and grads as fused."""
+    hidden, head, target, topk = _head_inputs()
+    params = [hidden, head.weight, head.bias]
+    grads = []
+    for fused in (True, False):
+        tgt, tk = token_logps_chunked(hidden, head, target, topk, chunk_size=4, temperature=1.5, fused=fused)
+        grads.append([tgt, tk, *torch.autograd.grad(tgt.sum() - 2 * tk.sum(), params)])
+    assert type(grads[1][0].grad_fn).__name__ != "_FusedLinearLogpsBackward"
+    for x, y in zip(*grads):
+        torch.testing.assert_close(y, x)
+
+
+def test_fused_gradcheck():
+    hidden, head, target, topk = _head_inputs(n=5, h=3, v=7, k=2)
+    weight, bias = head.weight.detach().clone().requires_grad_(), head.bias.detach().clone().requires_grad_()
+
+    def f(x, w, b):
+        linear = torch.nn.Linear(3, 7, dtype=D)
+        del linear.weight, linear.bias
+        linear.weight, linear.bias = w, b  # plain tensors, not new leaf Parameters: gradcheck differentiates w, b
+        return token_logps_chunked(x, linear, target, topk, chunk_size=2, temperature=1.3)
+
+    assert type(f(hidden, weight, bias)[0].grad_fn).__name__ == "_FusedLinearLogpsBackward"
+    assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_fused_bf16_inputs_close_to_naive():
+    """bf16 hidden and head: log-probs come back in fp32, gradients in bf16, close to the naive bf16 path
+    (both do the matmuls in bf16 and the softmax math in fp32; fused also accumulates grad_W over chunks in bf16)."""
+    hidden, head, target, topk = _head_inputs(n=40, h=16, v=96, k=5, dtype=torch.bfloat16)
+    params = [hidden, head.weight, head.bias]
+    naive, fused = _grads_of_both(hidden, head, target, topk, params, chunk_size=8, temperature=2.0)
+    assert [x.dtype for x in fused] == [torch.float32] * 2 + [torch.bfloat16] * 3
+    for x, y in zip(naive, fused, strict=True):
+        torch.testing.assert_close(y.double(), x.double(), rtol=1e-2, atol=1e-2 * x.abs().max().item())
+
+
+def test_fused_frozen_head_and_tied_weight():
+    """A frozen head gets no gradient (only hidden does); a weight also used elsewhere (tied embeddings) gets
+    the sum of both gradients, as with the naive path."""
+    hidden, head, target, topk = _head_inputs()
+    head.requires_grad_(False)
+    tgt, tk = token_logps_chunked(hidden, head, target, topk, chunk_size=4)
+    (grad_h,) = torch.autograd.grad(tgt.sum() + tk.sum(), [hidden])
+    naive_tgt, naive_tk = token_logps_naive(hidden, head, target, topk)
+    torch.testing.assert_close(grad_h, torch.autograd.grad(naive_tgt.sum() + naive_tk.sum(), [hidden])[0])
+    head.requires_grad_(True)
+    grads = []
+    for fn in (token_logps_naive, token_logps_chunked):
+        tgt, _ = fn(hidden, head, target, None, chunk_size=4)
+        grads.append(torch.autograd.grad(tgt.sum() + head.weight.square().sum(), [head.weight])[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_fused_refuses_a_partitioned_weight():
+    """Under ZeRO-3 a head's weight outside its module's forward is an empty placeholder: fused must refuse."""
+    hidden, head, target, topk = _head_inputs()
+    head.weight.data = torch.empty(0, dtype=D)
+    with pytest.raises(ValueError, match="fused=False"):
+        token_logps_chunked(hidden, head, target, topk)
+
+
 # -----------------------------------------------------------------------------
 # Combined loss and presets
 

@@ -157,18 +157,16 @@ def test_killed_driver_resumes_with_the_remaining_prompts(ray_cluster, tmp_path)
 
 
 def _kill_actor_running(udf_name):
-    """SIGKILL the live actor of this cluster whose process title names the UDF (ray::MapWorker(...))."""
-    import psutil
+    """SIGKILL the live actor of this cluster running the UDF (Ray names it MapWorker(MapBatches(<udf>)))."""
     from ray._private import state
 
     for actor in state.actors().values():
-        if actor["State"] == "ALIVE" and actor["Pid"]:
+        if actor["State"] == "ALIVE" and actor["Pid"] and udf_name in actor["ActorClassName"]:
             try:
-                if udf_name in " ".join(psutil.Process(actor["Pid"]).cmdline()):
-                    os.kill(actor["Pid"], signal.SIGKILL)
-                    return actor["Pid"]
-            except psutil.NoSuchProcess:
+                os.kill(actor["Pid"], signal.SIGKILL)
+            except ProcessLookupError:
                 continue
+            return actor["Pid"]
     return None
 
 

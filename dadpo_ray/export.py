@@ -8,13 +8,12 @@ previous complete export or the new complete one, never half of either.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+from dadpo_ray.models import replace_dir_atomically
 
 
 def gathered_state_dict(model: torch.nn.Module, zero_stage: int, rank: int) -> dict | None:
@@ -60,21 +59,10 @@ def model_card(teacher: str, student: str, manifest: dict, loss: dict, train: di
 
 
 def write_model_dir(hf_model, state: dict, tokenizer, card: str, target: str) -> str:
-    """Write the model dir to a temp dir beside `target`, then swap it into place."""
-    target_path = Path(target)
-    target_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target_path.name + ".tmp-", dir=target_path.parent))
-    try:
+    """Write the model dir to a temp dir beside `target`, then swap it into place (see replace_dir_atomically)."""
+    def write(tmp: Path) -> None:
         hf_model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(card)
-        if target_path.exists():  # replace a previous export: move it aside first, so a crash keeps one of them
-            old = Path(tempfile.mkdtemp(prefix=target_path.name + ".old-", dir=target_path.parent))
-            os.replace(target_path, old / "model")
-            os.rename(tmp, target_path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(target_path)
+
+    return str(replace_dir_atomically(Path(target), write))

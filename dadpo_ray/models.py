@@ -63,6 +63,30 @@ def _build_atomically(target: Path, build) -> Path:
     return target
 
 
+def replace_dir_atomically(target: Path, write) -> Path:
+    """`write(tmp)` fills a temp dir beside `target`, which is then renamed into place. An existing `target` is
+    moved aside first and deleted only once the new dir is in place (put back if the swap fails), so a crash
+    leaves the old dir or the new one, never half of one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    old = None  # where a replaced target waits until the new one is in place
+    try:
+        write(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "previous")
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.rename(old / "previous", target)  # put the previous dir back
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
 # ----------------------------------------------------------------------------------------------- built-ins
 def build_tiny_tokenizer():
     """Byte-level tokenizer: 256 byte tokens (no merges) + ChatML specials. Any text round-trips."""

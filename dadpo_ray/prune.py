@@ -24,15 +24,13 @@ of a per-element saliency:
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from dadpo_ray.errors import DadpoError
+from dadpo_ray.models import replace_dir_atomically
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SCORES = ("taylor", "magnitude")
@@ -286,23 +284,10 @@ def save_pruned(model, tokenizer, out_dir, *, overwrite: bool = False) -> Path:
     out = Path(out_dir)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise PruneError(f"{out} already exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None  # where a replaced out_dir waits until the new one is in place
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / "previous")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.rename(old / "previous", out)  # put the previous dir back
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old)
-    return out
+
+    return replace_dir_atomically(out, write)

@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 export RAY_AUTH_MODE ?= token
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test clean
 
 setup: $(VENV)/.installed
 
@@ -29,9 +29,6 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
-
-bench: setup
-	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

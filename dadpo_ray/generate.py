@@ -191,8 +191,10 @@ def generate(cfg: RecipeConfig, out_dir: str, overwrite: bool = False) -> Manife
                 compute=ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size),
                 num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, **retry,
             )
+        # The writer is I/O: it reserves no CPU, so shards land while the two pools hold every core
+        # (with a CPU share it waited for the pools to finish, and a killed run lost all its work).
         ds = ds.map_batches(write_batch, batch_size=gen.rows_per_shard, batch_format="pyarrow",
-                            fn_kwargs={"out_dir": out, "k": gen.topk}, num_cpus=0.1)
+                            fn_kwargs={"out_dir": out, "k": gen.topk}, num_cpus=0)
         for result in ds.iter_rows():
             tokens += result["tokens"]
             rejects += json.loads(result["rejects"])

@@ -156,37 +156,43 @@ def test_killed_driver_resumes_with_the_remaining_prompts(ray_cluster, tmp_path)
     assert len(ids) == len(set(ids)) == 160 - manifest.rejected_rows
 
 
-def _kill_actor_running(udf_name):
-    """SIGKILL the live actor of this cluster running the UDF (Ray names it MapWorker(MapBatches(<udf>)))."""
+def _alive_actor(udf_name):
+    """The live actor of this cluster running the UDF (Ray names it MapWorker(MapBatches(<udf>))), or None."""
     from ray._private import state
 
     for actor in state.actors().values():
         if actor["State"] == "ALIVE" and actor["Pid"] and udf_name in actor["ActorClassName"]:
-            try:
-                os.kill(actor["Pid"], signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            return actor["Pid"]
+            return actor
     return None
 
 
 def test_killed_actor_is_restarted_without_losing_rows(ray_cluster, tmp_path):
+    from ray._private import state
 
-    # Long enough that the teacher pool is still busy when the first shard lands.
+    # 160 prompts at 8 a batch: the teacher has many batches to go when it is killed.
     cfg = tiny_cfg(tmp_path, "prompts.limit=160", "generate.rows_per_shard=8", "generate.batch_size=8",
                    "generate.max_new_tokens=48")
     out = tmp_path / "data"
     result = {}
     worker = threading.Thread(target=lambda: result.update(manifest=generate(cfg, str(out))))
     worker.start()
-    killed = None
+    killed, first_seen, was_mid_run = None, None, False
     deadline = time.time() + 300
     while killed is None and time.time() < deadline and worker.is_alive():
-        if list(out.glob("part-*.parquet")):  # mid-run: some rows written, more in flight
-            killed = _kill_actor_running("TeacherScorer")
+        actor = _alive_actor("TeacherScorer")
+        if actor and first_seen is None:
+            first_seen = time.time()
+        # Kill it once it is into its batches: a shard has landed, or it has been up for a second.
+        if actor and (list(out.glob("part-*.parquet")) or time.time() - first_seen > 1.0):
+            try:
+                os.kill(actor["Pid"], signal.SIGKILL)
+                killed, was_mid_run = actor, worker.is_alive()
+            except ProcessLookupError:
+                pass
         time.sleep(0.05)
     worker.join(timeout=600)
-    assert killed is not None, "no TeacherScorer actor was found alive mid-run"
+    assert killed is not None and was_mid_run, "the teacher actor was not caught alive mid-run"
+    assert state.actors(killed["ActorID"])["NumRestarts"] >= 1  # Ray restarted it rather than giving up
     manifest = result["manifest"]
     ids = [r["id"] for r in all_rows(out)]
     assert len(ids) == len(set(ids)) == 160 - manifest.rejected_rows

@@ -107,8 +107,13 @@ class GenerateConfig(_Strict):
         False, description="Also store the teacher's top-k on the student's (rejected) responses."
     )
     rows_per_shard: int = Field(64, ge=1, description="Rows per Parquet shard; a shard is the unit of resume.")
-    teacher_pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool running the teacher.")
-    student_pool: PoolConfig = Field(default_factory=PoolConfig, description="Actor pool running the student.")
+    teacher_pool: PoolConfig = Field(
+        default_factory=PoolConfig, description="Actor pool running the teacher (and the reference, to score y_t)."
+    )
+    student_pool: PoolConfig = Field(
+        default_factory=PoolConfig,
+        description="Actor pool running the student (and models.reference, when set, to score y_s).",
+    )
     max_restarts: int = Field(3, ge=0, description="Times Ray restarts a crashed actor (its batch is retried).")
 
 

@@ -1,15 +1,16 @@
 """Generation stage: one Ray Data pipeline from prompts to the preference dataset training reads.
 
     prompts (driver: validate, template, split, skip ids already written)
-      -> StudentSampler   actor pool, student model:             y_s (rejected)
-      -> TeacherScorer    actor pool, teacher (+ reference) model: y_t (chosen), log-probs of both under the
-                          teacher and the reference, the teacher's top-k on y_t (and y_s if configured)
+      -> StudentSampler   actor pool, student (+ reference) model: y_s (rejected) and its reference log-prob
+      -> TeacherScorer    actor pool, teacher + reference model:   y_t (chosen) with the teacher's log-prob and
+                          top-k, the teacher's log-prob of y_s (and its top-k if configured), the reference's of y_t
       -> write_shard      tasks: validate rows, write one Parquet shard atomically, named by its ids
     manifest.json (driver, last: its presence means the dataset is complete)
 
-The reference scores live in the teacher's pool because they need both answers; the reference is the small
-student, so this costs the teacher's actors little and saves a third pool. Resume: shards are idempotent and
-named by a hash of their ids, so a rerun of the same command skips every id already on disk.
+A model scores its own samples from the raw logits of the same generate() call (`sample_and_score`), so each
+pool runs one extra forward pass per batch (the teacher on y_s, the reference on y_t), not four. The reference is
+by default the student itself: the student pool then loads nothing more. Resume: shards are idempotent and named
+by a hash of their ids, so a rerun of the same command skips every id already on disk.
 """
 
 from __future__ import annotations
@@ -43,27 +44,36 @@ def _threads(num_cpus: float) -> int:
 
 # ------------------------------------------------------------------------------------ Ray Data UDF classes
 class StudentSampler:
-    """Loads the student once per actor; samples the rejected answer y_s for each prompt."""
+    """Loads the student once per actor (and the reference, when it is another model); samples the rejected
+    answer y_s for each prompt and its reference log-prob."""
 
     def __init__(self, config: dict):
         from dadpo_ray.engines import make_engine
 
         self.cfg = RecipeConfig.model_validate(config)
-        gen = self.cfg.generate
-        self.engine = make_engine(gen.backend, self.cfg.models.student, _threads(gen.student_pool.num_cpus))
+        gen, models = self.cfg.generate, self.cfg.models
+        threads = _threads(gen.student_pool.num_cpus)
+        self.engine = make_engine(gen.backend, models.student, threads)
+        self.reference = None if models.reference is None else make_engine(gen.backend, models.reference, threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        gen = self.cfg.generate
         rows = batch.to_pylist()
-        samples = self.engine.sample([r["prompt_ids"] for r in rows], self.cfg.generate,
-                                     _seed(self.cfg.generate.seed, [r["id"] for r in rows]))
-        for row, (ids, finish) in zip(rows, samples):
-            row.update(rejected_ids=ids, rejected_finish=finish,
+        prompts, seed = [r["prompt_ids"] for r in rows], _seed(gen.seed, [r["id"] for r in rows])
+        if self.reference is None:  # the student is the reference: it scores its samples as it draws them
+            samples, ref_scores = self.engine.sample_and_score(prompts, gen, seed, None)
+        else:
+            samples = self.engine.sample(prompts, gen, seed)
+            ref_scores = self.reference.score(prompts, [ids for ids, _ in samples], None)
+        for row, (ids, finish), ref in zip(rows, samples, ref_scores):
+            row.update(rejected_ids=ids, rejected_finish=finish, ref_rejected_logp=ref.logp,
                        rejected_text=self.engine.tokenizer.decode(ids, skip_special_tokens=True))
         return pa.Table.from_pylist(rows)
 
 
 class TeacherScorer:
-    """Loads the teacher (and the reference) once per actor; samples y_t and scores both answers."""
+    """Loads the teacher and the reference once per actor; samples y_t (the teacher scores it as it draws it),
+    scores y_s under the teacher and y_t under the reference."""
 
     def __init__(self, config: dict):
         from dadpo_ray.engines import make_engine
@@ -78,19 +88,18 @@ class TeacherScorer:
         gen = self.cfg.generate
         rows = batch.to_pylist()
         prompts = [r["prompt_ids"] for r in rows]
-        samples = self.teacher.sample(prompts, gen, _seed(gen.seed + 1, [r["id"] for r in rows]))
+        samples, t_chosen = self.teacher.sample_and_score(prompts, gen, _seed(gen.seed + 1, [r["id"] for r in rows]),
+                                                          gen.topk)
         chosen = [ids for ids, _ in samples]
         rejected = [r["rejected_ids"] for r in rows]
-        t_chosen = self.teacher.score(prompts, chosen, gen.topk)
         t_rejected = self.teacher.score(prompts, rejected, gen.topk if gen.topk_for_rejected else None)
         r_chosen = self.reference.score(prompts, chosen, None)
-        r_rejected = self.reference.score(prompts, rejected, None)
         for i, row in enumerate(rows):
             row.update(
                 chosen_ids=chosen[i], chosen_finish=samples[i][1],
                 chosen_text=self.teacher.tokenizer.decode(chosen[i], skip_special_tokens=True),
                 teacher_chosen_logp=t_chosen[i].logp, teacher_rejected_logp=t_rejected[i].logp,
-                ref_chosen_logp=r_chosen[i].logp, ref_rejected_logp=r_rejected[i].logp,
+                ref_chosen_logp=r_chosen[i].logp,
                 chosen_topk_ids=t_chosen[i].topk_ids, chosen_topk_logprobs=t_chosen[i].topk_logprobs,
                 rejected_topk_ids=t_rejected[i].topk_ids, rejected_topk_logprobs=t_rejected[i].topk_logprobs,
             )

@@ -53,24 +53,39 @@ def _response_logprobs(model, prompts: list[list[int]], responses: list[list[int
         yield torch.log_softmax(logits[i, keep - 1 - n: keep - 1].float(), dim=-1) if n else None  # [n, V]
 
 
+def _scored(logprobs: torch.Tensor | None, response: list[int], k: int | None) -> Scored:
+    """One response's Scored from its [len(response), V] log-probs (None for an empty response)."""
+    if logprobs is None:
+        return Scored(0.0, [] if k else None, [] if k else None)
+    target = torch.tensor(response, device=logprobs.device)
+    logp = logprobs.gather(-1, target[:, None]).sum().item()
+    if not k:
+        return Scored(logp, None, None)
+    values, indices = logprobs.topk(k, dim=-1)  # [n, k], sorted descending
+    return Scored(logp, indices.tolist(), values.tolist())
+
+
 @torch.no_grad()
 def score_responses(
     model, prompts: list[list[int]], responses: list[list[int]], k: int | None, pad_id: int
 ) -> list[Scored]:
     """Summed log-prob of each response, and its top-k per response token when k is given."""
-    results = []
-    for response, logprobs in zip(responses, _response_logprobs(model, prompts, responses, pad_id)):
-        if logprobs is None:
-            results.append(Scored(0.0, [] if k else None, [] if k else None))
-            continue
-        target = torch.tensor(response, device=logprobs.device)
-        logp = logprobs.gather(-1, target[:, None]).sum().item()
-        if k:
-            values, indices = logprobs.topk(k, dim=-1)  # [n, k], sorted descending
-            results.append(Scored(logp, indices.tolist(), values.tolist()))
-        else:
-            results.append(Scored(logp, None, None))
-    return results
+    return [_scored(logprobs, response, k)
+            for response, logprobs in zip(responses, _response_logprobs(model, prompts, responses, pad_id))]
+
+
+@torch.no_grad()
+def score_from_step_logits(step_logits: tuple[torch.Tensor, ...], responses: list[list[int]],
+                           k: int | None) -> list[Scored]:
+    """The same Scored, from the raw logits `generate(output_logits=True)` returned while sampling the responses.
+
+    step_logits[j] is [B, V]: the raw distribution that predicted token j of every row, which is exactly the
+    alignment rule above, so sampling and scoring share one pass (no second forward over prompt + response).
+    """
+    def row_logprobs(i: int, n: int) -> torch.Tensor:  # [n, V], one row at a time: no [B, T, V] copy
+        return torch.log_softmax(torch.stack([step[i] for step in step_logits[:n]]).float(), dim=-1)
+
+    return [_scored(row_logprobs(i, len(r)) if r else None, r, k) for i, r in enumerate(responses)]
 
 
 @dataclass

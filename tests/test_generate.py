@@ -45,6 +45,52 @@ def test_udfs_transform_a_hand_made_batch_without_ray(tmp_path):
     assert len(rows[0]["rejected_topk_ids"]) == len(rows[0]["rejected_ids"]) > 0
 
 
+def _batch(tokenizer, texts):
+    rows = []
+    for i, text in enumerate(texts):
+        messages = [{"role": "user", "content": text}]
+        rows.append({"id": f"p{i}", "split": "train", "prompt_messages": messages,
+                     "prompt_ids": tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                 return_dict=False)})
+    return pa.Table.from_pylist(rows)
+
+
+@pytest.mark.parametrize("reference", [None, "tiny-teacher"])
+def test_scores_taken_while_sampling_equal_a_separate_forward_pass(tmp_path, reference):
+    """Each model scores its own samples from generate()'s raw logits; a second, left-padded forward over
+    prompt + response must give the same log-probs and top-k (the alignment rule of dadpo_ray.records)."""
+    overrides = ["generate.topk_for_rejected=true", "generate.max_new_tokens=12"]
+    cfg = tiny_cfg(tmp_path, *overrides, *([f"models.reference.path={reference}"] if reference else []))
+    student, teacher = StudentSampler(cfg.model_dump(mode="json")), TeacherScorer(cfg.model_dump(mode="json"))
+    texts = ["hi", "a much longer prompt, so that the batch is left-padded", "and a third one"]
+    rows = teacher(student(_batch(student.engine.tokenizer, texts))).to_pylist()
+    prompts = [r["prompt_ids"] for r in rows]
+    chosen, rejected = [r["chosen_ids"] for r in rows], [r["rejected_ids"] for r in rows]
+    again_chosen = teacher.teacher.score(prompts, chosen, 4)
+    again_ref_rejected = teacher.reference.score(prompts, rejected, None)
+    for row, c, r in zip(rows, again_chosen, again_ref_rejected):
+        assert row["teacher_chosen_logp"] == pytest.approx(c.logp, abs=1e-3)
+        assert row["chosen_topk_ids"] == c.topk_ids
+        for got, want in zip(row["chosen_topk_logprobs"], c.topk_logprobs, strict=True):
+            assert got == pytest.approx(want, abs=1e-4)
+        assert row["ref_rejected_logp"] == pytest.approx(r.logp, abs=1e-3)
+
+
+def test_scoring_falls_back_to_a_second_pass_past_the_logits_budget(monkeypatch):
+    from dadpo_ray import engines
+    from dadpo_ray.config import GenerateConfig, ModelSpec
+
+    engine = engines.HFEngine(ModelSpec(path="tiny-teacher"))
+    prompts = [[1, 5, 9], [1, 7, 3, 3, 8, 2]]
+    gen = GenerateConfig(max_new_tokens=10, topk=3)
+    from_logits = engine.sample_and_score(prompts, gen, seed=7, k=3)
+    monkeypatch.setattr(engines, "STEP_LOGITS_BUDGET_BYTES", 0)
+    second_pass = engine.sample_and_score(prompts, gen, seed=7, k=3)
+    assert from_logits[0] == second_pass[0]  # the same samples
+    for a, b in zip(from_logits[1], second_pass[1]):
+        assert a.logp == pytest.approx(b.logp, abs=1e-3) and a.topk_ids == b.topk_ids
+
+
 def test_builtin_prompts_keep_earlier_turns_and_split_by_id():
     from dadpo_ray.config import PromptsConfig
     from dadpo_ray.prompts import load_prompts

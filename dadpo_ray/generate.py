@@ -7,10 +7,10 @@
       -> write_shard      tasks: validate rows, write one Parquet shard atomically, named by its ids
     manifest.json (driver, last: its presence means the dataset is complete)
 
-A model scores its own samples from the raw logits of the same generate() call (`sample_and_score`), so each
-pool runs one extra forward pass per batch (the teacher on y_s, the reference on y_t), not four. The reference is
-by default the student itself: the student pool then loads nothing more. Resume: shards are idempotent and named
-by a hash of their ids, so a rerun of the same command skips every id already on disk.
+A model scores its own samples from the raw logits of the same generate() call (`sample_and_score`), so beyond
+sampling a batch costs two forward passes (the teacher over y_s, the reference over y_t), not four. The reference
+is by default the student itself: the student pool then loads nothing more. Resume: shards are idempotent and
+named by a hash of their ids, so a rerun of the same command skips every id already on disk.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ def ray_session(cfg: RayConfig):
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)  # local: nothing listens beyond this machine
+        # Ray Train's placement-group cleaner polls the State API, which the dashboard serves (without it, a
+        # warning every few seconds); bound to loopback, it is reachable from this machine only.
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     try:
         yield
     finally:

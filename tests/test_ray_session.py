@@ -16,7 +16,9 @@ from ray.util.state import list_nodes
 
 with ray_session(RayConfig(num_cpus=1)):
     url = ray._private.worker.global_worker.node.address_info["webui_url"]
-    print(json.dumps({"dashboard": url, "nodes": len(list_nodes())}))
+    # The address matters: the test session's own Ray runs beside this one.
+    nodes = list_nodes(address=ray.get_runtime_context().gcs_address)
+    print(json.dumps({"dashboard": url, "nodes": len(nodes)}))
 print(json.dumps({"after": ray.is_initialized()}))
 """
 

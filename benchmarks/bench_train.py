@@ -38,35 +38,42 @@ from dadpo_ray.records import Manifest, ModelRecord, write_manifest, write_shard
 K = 20
 
 
-def synthetic_dataset(out_dir: str, student: str, rows: int, prompt_len: int, response_len: int) -> None:
+def write_dataset(out_dir: str, student: str, pairs: list[dict], name: str = "bench", finish: str = "length") -> None:
+    """`pairs` (prompt_ids, chosen_ids, rejected_ids; optional prompt/chosen/rejected texts) as a dataset in the
+    data contract, with made-up reference/teacher log-probs and top-K (speed does not depend on the values)."""
     tokenizer = load_tokenizer(ModelSpec(path=student))
-    vocab = len(tokenizer)
     rng = np.random.default_rng(0)
+    rows = []
+    for i, p in enumerate(pairs):
+        n = len(p["chosen_ids"])
+        rows.append({
+            "id": f"{name}{i}", "split": "train", "prompt_messages": [{"role": "user", "content": p.get("prompt", "x")}],
+            "prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "chosen_text": p.get("chosen", ""),
+            "chosen_finish": finish, "rejected_ids": p["rejected_ids"], "rejected_text": p.get("rejected", ""),
+            "rejected_finish": finish, "teacher_chosen_logp": -50.0, "teacher_rejected_logp": -80.0,
+            "ref_chosen_logp": -70.0, "ref_rejected_logp": -60.0,
+            "chosen_topk_ids": rng.integers(0, len(tokenizer), (n, K)).tolist(),
+            "chosen_topk_logprobs": (-np.sort(rng.exponential(2.0, (n, K)), axis=1)).tolist(),  # descending
+            "rejected_topk_ids": None, "rejected_topk_logprobs": None,
+        })
+    files = [write_shard(out_dir, "part-00000.parquet", rows)]
+    write_manifest(out_dir, Manifest(
+        config_fingerprint=name, teacher=ModelRecord(path=student), student=ModelRecord(path=student),
+        reference=ModelRecord(path=student), topk=K, topk_for_rejected=False, generation={},
+        rows={"train": len(rows)}, rejected_rows=0, rejected_reasons={}, files=files,
+        **vocab_fingerprint(tokenizer).as_dict()))
+
+
+def synthetic_dataset(out_dir: str, student: str, rows: int, prompt_len: int, response_len: int) -> None:
+    """`rows` pairs of random token ids of fixed lengths."""
+    vocab = len(load_tokenizer(ModelSpec(path=student)))
+    rng = np.random.default_rng(1)
 
     def ids(n):
         return rng.integers(0, vocab, n).tolist()
 
-    def topk(n):
-        lp = -np.sort(rng.exponential(2.0, (n, K)), axis=1)  # descending log-probs
-        return rng.integers(0, vocab, (n, K)).tolist(), lp.tolist()
-
-    data = []
-    for i in range(rows):
-        c_ids, c_lp = topk(response_len)
-        data.append({
-            "id": f"bench{i}", "split": "train", "prompt_messages": [{"role": "user", "content": "x"}],
-            "prompt_ids": ids(prompt_len), "chosen_ids": ids(response_len), "chosen_text": "",
-            "chosen_finish": "length", "rejected_ids": ids(response_len), "rejected_text": "",
-            "rejected_finish": "length", "teacher_chosen_logp": -50.0, "teacher_rejected_logp": -80.0,
-            "ref_chosen_logp": -70.0, "ref_rejected_logp": -60.0, "chosen_topk_ids": c_ids,
-            "chosen_topk_logprobs": c_lp, "rejected_topk_ids": None, "rejected_topk_logprobs": None,
-        })
-    files = [write_shard(out_dir, "part-00000.parquet", data)]
-    write_manifest(out_dir, Manifest(
-        config_fingerprint="bench", teacher=ModelRecord(path=student), student=ModelRecord(path=student),
-        reference=ModelRecord(path=student), topk=K, topk_for_rejected=False, generation={},
-        rows={"train": rows}, rejected_rows=0, rejected_reasons={}, files=files,
-        **vocab_fingerprint(tokenizer).as_dict()))
+    write_dataset(out_dir, student, [{"prompt_ids": ids(prompt_len), "chosen_ids": ids(response_len),
+                                      "rejected_ids": ids(response_len)} for _ in range(rows)])
 
 
 def loss_path_only(student: str, rounds: int, micro: int, prompt_len: int, response_len: int, presets) -> None:

@@ -40,7 +40,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 THREADS = 2
-K = 20
 
 
 def build_pairs(student: str, pairs: int, prompt_words: int, response_words: int, seed: int = 0) -> list[dict]:
@@ -69,37 +68,6 @@ def build_pairs(student: str, pairs: int, prompt_words: int, response_words: int
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "prompt_ids": prompt_ids,
                     "chosen_ids": ids["chosen"][len(prompt_ids):], "rejected_ids": ids["rejected"][len(prompt_ids):]})
     return out
-
-
-def write_contract(out_dir: str, student: str, pairs: list[dict]) -> None:
-    """The pairs in our data contract, with made-up reference/teacher log-probs and top-k (speed ignores values)."""
-    import numpy as np
-
-    from dadpo_ray.config import ModelSpec
-    from dadpo_ray.models import load_tokenizer, vocab_fingerprint
-    from dadpo_ray.records import Manifest, ModelRecord, write_manifest, write_shard
-
-    tokenizer = load_tokenizer(ModelSpec(path=student))
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, p in enumerate(pairs):
-        n = len(p["chosen_ids"])
-        rows.append({
-            "id": f"trl{i}", "split": "train", "prompt_messages": [{"role": "user", "content": p["prompt"]}],
-            "prompt_ids": p["prompt_ids"], "chosen_ids": p["chosen_ids"], "chosen_text": p["chosen"],
-            "chosen_finish": "stop", "rejected_ids": p["rejected_ids"], "rejected_text": p["rejected"],
-            "rejected_finish": "stop", "teacher_chosen_logp": -50.0, "teacher_rejected_logp": -80.0,
-            "ref_chosen_logp": -70.0, "ref_rejected_logp": -60.0,
-            "chosen_topk_ids": rng.integers(0, len(tokenizer), (n, K)).tolist(),
-            "chosen_topk_logprobs": (-np.sort(rng.exponential(2.0, (n, K)), axis=1)).tolist(),
-            "rejected_topk_ids": None, "rejected_topk_logprobs": None,
-        })
-    files = [write_shard(out_dir, "part-00000.parquet", rows)]
-    write_manifest(out_dir, Manifest(
-        config_fingerprint="bench-trl", teacher=ModelRecord(path=student), student=ModelRecord(path=student),
-        reference=ModelRecord(path=student), topk=K, topk_for_rejected=False, generation={},
-        rows={"train": len(rows)}, rejected_rows=0, rejected_reasons={}, files=files,
-        **vocab_fingerprint(tokenizer).as_dict()))
 
 
 def summarize(tokens: list[float], times: list[float]) -> dict:
@@ -223,12 +191,13 @@ def main() -> None:
         return
 
     import torch
+    from bench_train import write_dataset  # this script runs as a file: benchmarks/ is on sys.path
 
     torch.set_num_threads(THREADS)
     work = Path(tempfile.mkdtemp(prefix="bench-trl-"))
     pairs = build_pairs(args.student, args.pairs, args.prompt_len, args.response_len)
     (work / "pairs.json").write_text(json.dumps(pairs))
-    write_contract(str(work / "data"), args.student, pairs)
+    write_dataset(str(work / "data"), args.student, pairs, name="trl", finish="stop")
     print(f"{len(pairs)} pairs, prompt {statistics.mean(len(p['prompt_ids']) for p in pairs):.0f} + responses "
           f"{statistics.mean(len(p['chosen_ids']) for p in pairs):.0f} tokens (mean), micro batch {args.micro}, "
           f"{args.steps} steps, work dir {work}", flush=True)
